@@ -1,0 +1,64 @@
+"""The one place that reads the environment: every setting is `TUNESERVE_<NAME>`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TUNESERVE_"
+
+
+class SettingsError(RuntimeError):
+    """An invalid setting; the message is one line that names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    data_dir: Path = Path("./data")
+    # Default: SQLite under the data dir (see `database_url_resolved`).
+    database_url: str | None = None
+    # Default: a broker that needs no server (kombu's SQLAlchemy transport on SQLite under the data dir).
+    broker_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key: str | None = None
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    base_models: dict[str, str] = Field(default_factory=dict)
+    inference: Literal["on", "off"] = "on"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def database_url_resolved(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tuneserve.db').resolve()}"
+
+    @property
+    def broker_url_resolved(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+
+def load_settings(**overrides) -> Settings:
+    """Build Settings, turning pydantic's report into one line that names the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        raise SettingsError(f"invalid setting {ENV_PREFIX}{field.upper()}: {err['msg']}") from None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return load_settings()
