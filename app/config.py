@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceParseError
 
 ENV_PREFIX = "TUNESERVE_"
 
@@ -57,6 +58,10 @@ def load_settings(**overrides) -> Settings:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
         raise SettingsError(f"invalid setting {ENV_PREFIX}{field.upper()}: {err['msg']}") from None
+    except SourceParseError as exc:
+        # pydantic-settings says 'error parsing value for field "base_models" ...' for bad JSON.
+        field = str(exc).split('"')[1] if '"' in str(exc) else "?"
+        raise SettingsError(f"invalid setting {ENV_PREFIX}{field.upper()}: not valid JSON") from None
 
 
 @lru_cache

@@ -1,0 +1,44 @@
+"""Request dependencies: long-lived objects from app.state, a DB session, and the caller's project."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.services import keys
+from app.services.keys import CurrentProject
+from app.storage import LocalStorage
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `tuneserve keys create`.")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_storage(request: Request) -> LocalStorage:
+    return request.app.state.storage
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+
+
+def current_project(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> CurrentProject:
+    return keys.authenticate(session, credentials.credentials if credentials else None)
+
+
+ProjectDep = Annotated[CurrentProject, Depends(current_project)]

@@ -1,0 +1,60 @@
+"""The one mapping from errors to OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import InvalidRequest, NotFound, TuneserveError
+
+log = logging.getLogger("tuneserve.api")
+
+# Where a request field came from is not part of its name as a client knows it.
+_LOCATIONS = {"body", "query", "path", "header", "cookie"}
+
+
+def error_response(error: TuneserveError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.envelope(), status_code=error.status, headers=headers)
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in _LOCATIONS]
+    param = ".".join(loc) or None
+    if first.get("type") == "missing":
+        return InvalidRequest(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    return InvalidRequest(f"Invalid value for '{param}': {first.get('msg')}.", param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TuneserveError)
+    async def _domain(_request: Request, exc: TuneserveError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError):
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            error = NotFound(f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
+        else:
+            error = TuneserveError(str(exc.detail), code=None)
+            error.status = exc.status_code
+            error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        error = TuneserveError("The server had an error while processing your request.")
+        error.status, error.type = 500, "server_error"
+        return error_response(error)

@@ -1,0 +1,28 @@
+"""Liveness and readiness for orchestrators: /healthz says the process is up, /readyz that it can work."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import text
+
+from app.api.deps import SessionDep
+from app.errors import ServiceUnavailable
+from app.schemas.errors import ERROR_RESPONSES
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: ERROR_RESPONSES[503]})
+def readyz(session: SessionDep) -> dict:
+    try:
+        session.execute(text("SELECT 1"))
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"database unreachable: {type(exc).__name__}", code="database_unavailable"
+        ) from None
+    return {"status": "ok", "database": "ok"}

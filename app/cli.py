@@ -1,0 +1,153 @@
+"""The `tuneserve` command: up, serve, worker, migrate, keys, validate."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from app.config import Settings, SettingsError, get_settings
+
+
+def _sessionmaker(settings: Settings):
+    from app.db import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(settings.database_url_resolved))
+
+
+def _prepare(settings: Settings) -> None:
+    from app import migrate
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate.upgrade(settings.database_url_resolved)
+
+
+def cmd_migrate(settings: Settings, _args) -> int:
+    _prepare(settings)
+    print("database is at the latest revision")
+    return 0
+
+
+def cmd_keys(settings: Settings, args) -> int:
+    from app.db import session_scope
+    from app.errors import TuneserveError
+    from app.services import keys
+
+    with session_scope(_sessionmaker(settings)) as session:
+        try:
+            if args.keys_command == "create":
+                key = keys.create_key(session, args.project)
+                print(f"created a key for project {args.project!r}; it is shown only now:")
+                print(key)
+            elif args.keys_command == "list":
+                for project, prefix, created_at, revoked_at in keys.list_keys(session):
+                    state = "revoked" if revoked_at else "active"
+                    print(f"{prefix}…\t{project}\t{state}\tcreated {created_at}")
+            else:
+                keys.revoke_key(session, args.prefix)
+                print(f"revoked the key {args.prefix}…")
+        except TuneserveError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_validate(_settings: Settings, args) -> int:
+    from app.datasets import validate_path
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"error: no such file: {path}", file=sys.stderr)
+        return 1
+    report = validate_path(path)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _serve(settings: Settings) -> None:
+    import uvicorn
+
+    from app.main import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def cmd_serve(settings: Settings, _args) -> int:
+    _serve(settings)
+    return 0
+
+
+def cmd_worker(settings: Settings, _args) -> int:
+    from worker.celery_app import TRAINING_QUEUE, celery_app
+
+    celery_app.worker_main(
+        ["worker", "--queues", TRAINING_QUEUE, "--concurrency", "1", "--loglevel", settings.log_level.upper()]
+    )
+    return 0
+
+
+def _default_key_line(settings: Settings) -> str:
+    from app.db import session_scope
+    from app.services import keys
+
+    with session_scope(_sessionmaker(settings)) as session:
+        if settings.api_key:
+            keys.create_key(session, "default", settings.api_key)
+            return f"API key (project default, from TUNESERVE_API_KEY): {settings.api_key}"
+        if keys.project_has_keys(session, "default"):
+            return "API key: the one shown at first start (make another: tuneserve keys create --project default)"
+        return f"API key (project default; shown once, keep it): {keys.create_key(session, 'default')}"
+
+
+def cmd_up(settings: Settings, _args) -> int:
+    """Everything in one process group: migrate, one worker on the embedded broker, and the API."""
+    _prepare(settings)
+    key_line = _default_key_line(settings)
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+    print(f"tuneserve is up at http://{settings.host}:{settings.port}/v1", flush=True)
+    print(key_line, flush=True)
+    try:
+        _serve(settings)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneserve", description="Self-hosted LoRA fine-tuning service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="migrate, then run the API and one worker (embedded default)").set_defaults(fn=cmd_up)
+    sub.add_parser("serve", help="run the API only").set_defaults(fn=cmd_serve)
+    sub.add_parser("worker", help="run a Celery training worker").set_defaults(fn=cmd_worker)
+    sub.add_parser("migrate", help="upgrade the database to the latest revision").set_defaults(fn=cmd_migrate)
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys.set_defaults(fn=cmd_keys)
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key (and the project if needed)")
+    create.add_argument("--project", required=True)
+    keys_sub.add_parser("list", help="list key prefixes")
+    revoke = keys_sub.add_parser("revoke", help="revoke the key with this prefix")
+    revoke.add_argument("prefix")
+    validate = sub.add_parser("validate", help="check a JSONL training file as an upload would")
+    validate.add_argument("file")
+    validate.set_defaults(fn=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        print(f"tuneserve: {exc}", file=sys.stderr)
+        return 2
+    return args.fn(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The FastAPI application. Every route is reachable from the routers included here."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.errors import install_error_handlers
+from app.api.routes import files, health
+from app.config import Settings, get_settings
+from app.db import make_engine, make_sessionmaker
+from app.storage import LocalStorage
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Long-lived objects live on app.state and are reached through app/api/deps.py.
+        app.state.settings = settings
+        app.state.engine = make_engine(settings.database_url_resolved)
+        app.state.sessionmaker = make_sessionmaker(app.state.engine)
+        app.state.storage = LocalStorage(settings.storage_dir)
+        yield
+        app.state.engine.dispose()
+
+    logging.basicConfig(level=settings.log_level.upper())
+    app = FastAPI(title="tuneserve", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(files.router)
+    return app

@@ -1,0 +1,21 @@
+"""OpenAI's error envelope, declared so the OpenAPI schema documents every error answer."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 500, 503)
+}

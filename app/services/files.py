@@ -1,0 +1,158 @@
+"""The Files API's rules: streaming uploads with a byte cap and validation, listing, retrieval, deletion."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import ids
+from app.datasets import StreamingValidator
+from app.errors import InvalidRequest, NotFound, PayloadTooLarge
+from app.services.keys import CurrentProject
+from app.storage import LocalStorage
+from app.tables import File
+
+UPLOAD_PURPOSES = frozenset({"fine-tune", "batch", "assistants", "vision", "user_data", "evals"})
+VALIDATED_PURPOSES = frozenset({"fine-tune"})
+MAX_FILENAME_CHARS = 255
+
+
+def storage_key(file_id: str) -> str:
+    return f"files/{file_id}"
+
+
+def clean_filename(name: str) -> str:
+    """The client's name is shown back to it and nothing else, so drop control characters and cap length."""
+    cleaned = "".join(ch for ch in name if ch.isprintable())
+    return cleaned[:MAX_FILENAME_CHARS] or "upload"
+
+
+class FileUpload:
+    """Receives one file's bytes as they arrive: writes them to storage, hashes them and validates them in the
+    same pass, and refuses to grow past the byte cap."""
+
+    def __init__(self, storage: LocalStorage, max_bytes: int):
+        self.id = ids.file_id()
+        self._writer = storage.writer(storage_key(self.id))
+        self._max_bytes = max_bytes
+        self._sha256 = hashlib.sha256()
+        self.validator = StreamingValidator()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self.bytes > self._max_bytes:
+            raise PayloadTooLarge(
+                f"File is larger than the limit of {self._max_bytes} bytes.", param="file", code="file_too_large"
+            )
+        self._sha256.update(data)
+        self.validator.feed(data)
+        self._writer.write(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    def commit(self) -> None:
+        self._writer.commit()
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+def check_purpose(purpose: str | None) -> str:
+    if not purpose:
+        raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter")
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequest(
+            f"Invalid purpose {purpose!r}; expected one of {', '.join(sorted(UPLOAD_PURPOSES))}.",
+            param="purpose",
+            code="invalid_value",
+        )
+    return purpose
+
+
+def store_upload(
+    session: Session, storage: LocalStorage, project: CurrentProject, upload: FileUpload, purpose: str, filename: str
+) -> File:
+    """Validate what was received, then keep it (blob, then row) or throw it away. Nothing partial stays."""
+    try:
+        report = upload.validator.finish()
+        if purpose in VALIDATED_PURPOSES and not report.ok:
+            raise InvalidRequest(report.summary(), param="file", code=report.code)
+        validated = purpose in VALIDATED_PURPOSES
+        row = File(
+            id=upload.id,
+            project_id=project.id,
+            filename=clean_filename(filename),
+            purpose=purpose,
+            bytes=upload.bytes,
+            sha256=upload.sha256,
+            status="processed",
+            format=report.format if validated else None,
+            n_examples=report.n_examples if validated else None,
+            stats=report.stats if validated else None,
+        )
+        upload.commit()
+    except BaseException:
+        upload.abort()
+        raise
+    try:
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.delete(storage_key(upload.id))
+        raise
+    return row
+
+
+def get_file(session: Session, project: CurrentProject, file_id: str) -> File:
+    # Another project's file is answered exactly like a missing one.
+    row = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
+    return row
+
+
+@dataclass
+class FilePage:
+    data: list[File]
+    has_more: bool
+
+
+def list_files(
+    session: Session,
+    project: CurrentProject,
+    *,
+    after: str | None,
+    limit: int,
+    order: str,
+    purpose: str | None,
+) -> FilePage:
+    query = select(File).where(File.project_id == project.id)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    if after:
+        cursor = get_file(session, project, after)
+        query = query.where(File.seq < cursor.seq if order == "desc" else File.seq > cursor.seq)
+    query = query.order_by(File.seq.desc() if order == "desc" else File.seq.asc()).limit(limit + 1)
+    rows = list(session.scalars(query))
+    return FilePage(data=rows[:limit], has_more=len(rows) > limit)
+
+
+def file_content(storage: LocalStorage, row: File) -> Iterator[bytes]:
+    return storage.iter_chunks(storage_key(row.id))
+
+
+def delete_file(session: Session, storage: LocalStorage, project: CurrentProject, file_id: str) -> str:
+    row = get_file(session, project, file_id)
+    session.delete(row)
+    session.commit()
+    # The row goes first: a crash between the two leaves an orphan blob, never a row without its bytes.
+    storage.delete(storage_key(file_id))
+    return file_id

@@ -1,0 +1,70 @@
+"""Blob storage under the data dir. Writes go to a temporary name and are renamed into place only when
+complete, so a reader never sees a partial blob and an aborted upload leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class BlobWriter:
+    def __init__(self, final_path: Path, tmp_path: Path):
+        self._final = final_path
+        self._tmp = tmp_path
+        self._f = open(tmp_path, "wb")
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
+
+    def commit(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._tmp, self._final)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class LocalStorage:
+    """Keys are server-chosen ids (`files/file-...`); client names never reach the filesystem."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._tmp = self.root / ".tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f"storage key escapes the root: {key!r}")
+        return path
+
+    def writer(self, key: str) -> BlobWriter:
+        return BlobWriter(self._path(key), self._tmp / uuid.uuid4().hex)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def iter_chunks(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        with open(self._path(key), "rb") as f:
+            while chunk := f.read(chunk_size):
+                yield chunk
+
+    def local_path(self, key: str) -> Path:
+        """A path the worker can read directly (local storage only)."""
+        return self._path(key)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def temp_files(self) -> list[Path]:
+        return list(self._tmp.iterdir())
