@@ -121,7 +121,9 @@ def cmd_up(settings: Settings, _args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneserve", description="Self-hosted LoRA fine-tuning service.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="migrate, then run the API and one worker (embedded default)").set_defaults(fn=cmd_up)
+    sub.add_parser("up", help="migrate, then run the API and one worker (embedded default)").set_defaults(
+        fn=cmd_up
+    )
     sub.add_parser("serve", help="run the API only").set_defaults(fn=cmd_serve)
     sub.add_parser("worker", help="run a Celery training worker").set_defaults(fn=cmd_worker)
     sub.add_parser("migrate", help="upgrade the database to the latest revision").set_defaults(fn=cmd_migrate)

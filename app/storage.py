@@ -13,7 +13,7 @@ class BlobWriter:
     def __init__(self, final_path: Path, tmp_path: Path):
         self._final = final_path
         self._tmp = tmp_path
-        self._f = open(tmp_path, "wb")
+        self._f = open(tmp_path, "wb")  # noqa: SIM115 -- held open across write() calls until commit or abort
 
     def write(self, data: bytes) -> None:
         self._f.write(data)

@@ -30,7 +30,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
         return InvalidRequest(
             f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
         )
-    return InvalidRequest(f"Invalid value for '{param}': {first.get('msg')}.", param=param, code="invalid_value")
+    return InvalidRequest(
+        f"Invalid value for '{param}': {first.get('msg')}.", param=param, code="invalid_value"
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -20,6 +20,7 @@ from app.services.files import FileUpload
 
 FORM_OVERHEAD_BYTES = 1024 * 1024  # room for the other fields and part headers around the file
 MAX_FIELD_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # long client filenames are harmless metadata, so allow them
 BATCH_BYTES = 1024 * 1024  # parse in batches off the event loop; one thread hop per MiB
 
 
@@ -78,7 +79,9 @@ class _FormState:
         name = options.get(b"name", b"").decode("latin-1")
         if b"filename" in options:
             if name != self.file_field:
-                raise InvalidRequest(f"Unexpected file field {name!r}; send the file as 'file'.", param="file")
+                raise InvalidRequest(
+                    f"Unexpected file field {name!r}; send the file as 'file'.", param="file"
+                )
             if self.upload is not None:
                 raise InvalidRequest("Send exactly one file per upload.", param="file")
             raw = options[b"filename"]
@@ -120,7 +123,7 @@ async def receive_upload(
         )
 
     state = _FormState(file_field, open_upload)
-    parser = MultipartParser(options[b"boundary"], state.callbacks())
+    parser = MultipartParser(options[b"boundary"], state.callbacks(), max_header_size=MAX_HEADER_BYTES)
     received = 0
     batch: list[bytes] = []
     batch_bytes = 0
@@ -129,7 +132,9 @@ async def receive_upload(
             received += len(chunk)
             if received > max_body:
                 raise PayloadTooLarge(
-                    f"File is larger than the limit of {max_file_bytes} bytes.", param="file", code="file_too_large"
+                    f"File is larger than the limit of {max_file_bytes} bytes.",
+                    param="file",
+                    code="file_too_large",
                 )
             batch.append(chunk)
             batch_bytes += len(chunk)
@@ -147,5 +152,7 @@ async def receive_upload(
             raise InvalidRequest(f"Malformed multipart body: {exc}", param="file") from exc
         raise
     if state.upload is None:
-        raise InvalidRequest("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+        raise InvalidRequest(
+            "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
+        )
     return ReceivedForm(upload=state.upload, filename=state.filename, fields=state.fields)

@@ -52,9 +52,11 @@ def check_messages(messages, problems: list[str], *, need_assistant: bool) -> in
         content = message.get("content")
         if isinstance(content, str):
             chars += len(content)
-        elif not (content is None and role == "assistant" and message.get("tool_calls")):
-            if "content" in message or role != "assistant":
-                problems.append("missing_content")
+        elif not (content is None and role == "assistant" and message.get("tool_calls")) and (
+            "content" in message or role != "assistant"
+        ):
+            # Only an assistant turn that makes tool calls may go without text content.
+            problems.append("missing_content")
         if role == "assistant":
             assistants += 1
             weight = message.get("weight", 1)
@@ -65,7 +67,7 @@ def check_messages(messages, problems: list[str], *, need_assistant: bool) -> in
     if need_assistant:
         if not assistants:
             problems.append("example_missing_assistant_message")
-        elif not trained:
+        elif not trained and "invalid_weight" not in problems:
             problems.append("example_missing_trained_assistant_message")
     return chars
 
@@ -81,7 +83,7 @@ def check_chat(example: dict, problems: list[str]) -> int:
 def check_prompt_completion(example: dict, problems: list[str]) -> int:
     if not example.keys() <= PROMPT_COMPLETION_KEYS:
         problems.append("example_unrecognized_key")
-    if not PROMPT_COMPLETION_KEYS <= example.keys():
+    if not example.keys() >= PROMPT_COMPLETION_KEYS:
         problems.append("example_missing_key")
         return 0
     prompt, completion = example["prompt"], example["completion"]
@@ -96,7 +98,7 @@ def check_prompt_completion(example: dict, problems: list[str]) -> int:
 def check_preference(example: dict, problems: list[str]) -> int:
     if not example.keys() <= PREFERENCE_KEYS:
         problems.append("example_unrecognized_key")
-    if not PREFERENCE_KEYS <= example.keys():
+    if not example.keys() >= PREFERENCE_KEYS:
         problems.append("example_missing_key")
         return 0
     source = example["input"]

@@ -47,7 +47,9 @@ class FileUpload:
         self.bytes += len(data)
         if self.bytes > self._max_bytes:
             raise PayloadTooLarge(
-                f"File is larger than the limit of {self._max_bytes} bytes.", param="file", code="file_too_large"
+                f"File is larger than the limit of {self._max_bytes} bytes.",
+                param="file",
+                code="file_too_large",
             )
         self._sha256.update(data)
         self.validator.feed(data)
@@ -66,7 +68,9 @@ class FileUpload:
 
 def check_purpose(purpose: str | None) -> str:
     if not purpose:
-        raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter")
+        raise InvalidRequest(
+            "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter"
+        )
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(
             f"Invalid purpose {purpose!r}; expected one of {', '.join(sorted(UPLOAD_PURPOSES))}.",
@@ -77,7 +81,12 @@ def check_purpose(purpose: str | None) -> str:
 
 
 def store_upload(
-    session: Session, storage: LocalStorage, project: CurrentProject, upload: FileUpload, purpose: str, filename: str
+    session: Session,
+    storage: LocalStorage,
+    project: CurrentProject,
+    upload: FileUpload,
+    purpose: str,
+    filename: str,
 ) -> File:
     """Validate what was received, then keep it (blob, then row) or throw it away. Nothing partial stays."""
     try:

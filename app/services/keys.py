@@ -79,7 +79,9 @@ def revoke_key(session: Session, prefix: str) -> int:
 def project_has_keys(session: Session, project_name: str) -> bool:
     return (
         session.scalar(
-            select(ApiKey.id).join(Project, Project.id == ApiKey.project_id).where(Project.name == project_name)
+            select(ApiKey.id)
+            .join(Project, Project.id == ApiKey.project_id)
+            .where(Project.name == project_name)
         )
         is not None
     )

@@ -1,0 +1,65 @@
+"""Run tuneserve's real processes (uvicorn API, later the worker) as subprocesses for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tuneserve_env(data_dir: Path, database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    env.update({"TUNESERVE_DATA_DIR": str(data_dir), "TUNESERVE_DATABASE_URL": database_url, **extra})
+    return env
+
+
+class LiveServer:
+    """`tuneserve serve` on a free port, stopped on exit; its output goes to a log file for failures."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._env = {**env, "TUNESERVE_PORT": str(self.port), "TUNESERVE_HOST": "127.0.0.1"}
+        self._log_path = log_path
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> LiveServer:
+        self._log = open(self._log_path, "wb")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            env=self._env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace")
+
+    def __exit__(self, *exc) -> None:
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        self._log.close()
