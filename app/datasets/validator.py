@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+import orjson
 
 from app.datasets.examples import check_example
 from app.datasets.report import MIN_EXAMPLES, ValidationReport
@@ -11,6 +12,7 @@ from app.datasets.report import MIN_EXAMPLES, ValidationReport
 # One example may be large (long documents), but a "line" of many megabytes is a binary or broken file,
 # and buffering it whole would let one upload take unbounded memory.
 MAX_LINE_BYTES = 8 * 1024 * 1024
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class StreamingValidator:
@@ -76,6 +78,8 @@ class StreamingValidator:
         line_no = self._line_no
         if raw.endswith(b"\r"):
             raw = raw[:-1]
+        if line_no == 1 and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM) :]  # editors on Windows write one; it is not part of the JSON
         if not raw.strip():
             self._blank_lines.append(line_no)
             return
@@ -84,14 +88,15 @@ class StreamingValidator:
             self._flush_blank_lines()
         report = self.report
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            report.add("invalid_utf8", line_no)
-            return
-        try:
-            example = json.loads(text)
-        except ValueError:
-            report.add("invalid_json", line_no)
+            # orjson parses bytes directly and rejects invalid UTF-8 itself: one pass, several times json's speed.
+            example = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                report.add("invalid_utf8", line_no)
+            else:
+                report.add("invalid_json", line_no)
             return
         fmt, problems, chars = check_example(example)
         if fmt is not None:

@@ -171,6 +171,18 @@ def test_crlf_line_endings():
     assert validator.finish().ok
 
 
+def test_utf8_bom_at_start_is_accepted():
+    validator = StreamingValidator()
+    validator.feed(b"\xef\xbb\xbf" + (OK + "\n").encode() * 10)
+    assert validator.finish().ok
+
+
+def test_json_that_python_would_accept_but_is_not_json_is_rejected():
+    # NaN and lone surrogates are not JSON; a tokenizer would choke on the latter later.
+    lines = [OK] * 10 + ['{"prompt": "a", "completion": NaN}', '{"prompt": "\\ud800", "completion": "b"}']
+    assert {k: p.lines for k, p in run(lines).problems.items()} == {"invalid_json": [11, 12]}
+
+
 def test_overlong_line_is_reported_not_buffered():
     validator = StreamingValidator(max_line_bytes=1000)
     body = (OK + "\n") * 10 + '{"prompt": "' + "a" * 5000 + '"}\n' + OK + "\n"

@@ -53,6 +53,10 @@ class LiveServer:
                 time.sleep(0.1)
         raise RuntimeError(f"server did not start:\n{self.log()}")
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def log(self) -> str:
         return self._log_path.read_text(errors="replace")
 
