@@ -1,0 +1,74 @@
+"""Checkpoints that resume exactly: the PEFT adapter plus optimizer, scheduler, RNG and progress state.
+
+A checkpoint directory is written under a temporary name and renamed into place, so a crash mid-write never
+leaves a directory that looks complete. Its adapter files make it loadable for inference as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from worker.training.errors import TrainingError
+
+STATE_FILE = "trainer_state.pt"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def write_atomically(target: Path, write) -> Path:
+    """Call `write(tmp_dir)`, then rename tmp_dir to `target` (replacing an older copy of the same name)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(tmp, target)
+    return target
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, progress: dict) -> Path:
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(legacy=False),
+            **progress,
+        }
+        torch.save(state, tmp / STATE_FILE)
+
+    return write_atomically(root / checkpoint_name(step), write)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore adapter weights, optimizer, scheduler and RNG from `path`; return the saved progress dict."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
+        raise TrainingError("invalid_checkpoint", f"{path.name} is not a complete training checkpoint")
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    device = next(p.device for p in model.parameters())
+    set_peft_model_state_dict(model, load_file(path / ADAPTER_WEIGHTS, device=str(device)))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+    return state

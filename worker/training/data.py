@@ -1,0 +1,109 @@
+"""Validated JSONL -> tokenized examples with shifted targets, under an explicit long-example policy.
+
+Targets are shifted here, per example (`targets[i]` is the label of `input_ids[i + 1]`, the last is -100),
+so that once examples are packed side by side no position ever predicts the first token of its neighbour.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.errors import InvalidRequest
+from app.ml.chat import IGNORE_INDEX, ChatTemplateError, render_training_example
+from worker.training.errors import TrainingError
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    targets: list[int]
+    n_supervised: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TokenizedDataset:
+    """Examples that will be trained on, and the counts of those that will not (never silently)."""
+
+    examples: list[TokenizedExample] = field(default_factory=list)
+    n_read: int = 0
+    n_dropped_too_long: int = 0
+    n_truncated: int = 0
+    n_dropped_no_supervised: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(e) for e in self.examples)
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(e.n_supervised for e in self.examples)
+
+    def counts(self) -> dict:
+        return {
+            "n_examples_read": self.n_read,
+            "n_examples_used": len(self.examples),
+            "n_dropped_too_long": self.n_dropped_too_long,
+            "n_truncated": self.n_truncated,
+            "n_dropped_no_supervised": self.n_dropped_no_supervised,
+        }
+
+
+def read_jsonl(path: Path, *, param: str = "training_file") -> list[dict]:
+    """Read an already validated JSONL file; preference (DPO) data is refused for now."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                examples.append(json.loads(line))
+    if examples and "preferred_output" in examples[0]:
+        raise InvalidRequest(
+            "preference (DPO) data is not supported yet; use chat or prompt/completion examples",
+            param=param,
+            code="unsupported_format",
+        )
+    return examples
+
+
+def shift_labels(input_ids: list[int], labels: list[int]) -> TokenizedExample:
+    targets = list(labels[1:]) + [IGNORE_INDEX]
+    return TokenizedExample(list(input_ids), targets, sum(t != IGNORE_INDEX for t in targets))
+
+
+def _truncate_left(input_ids: list[int], labels: list[int], max_len: int, bos_id) -> tuple[list, list]:
+    """Keep the last `max_len` tokens (the answer side); keep a leading BOS so the model sees a normal start."""
+    if bos_id is not None and input_ids and input_ids[0] == bos_id:
+        keep = max_len - 1
+        return [bos_id] + input_ids[-keep:], [IGNORE_INDEX] + labels[-keep:]
+    return input_ids[-max_len:], labels[-max_len:]
+
+
+def tokenize_examples(raw: list[dict], tokenizer, max_seq_length: int, policy: str = "drop") -> TokenizedDataset:
+    """Render every example; apply `policy` ("drop" or "truncate_left") to examples over `max_seq_length`;
+    drop (and count) examples left with no supervised token."""
+    out = TokenizedDataset(n_read=len(raw))
+    for example in raw:
+        try:
+            input_ids, labels = render_training_example(example, tokenizer)
+        except ChatTemplateError as exc:
+            raise TrainingError("invalid_chat_template", str(exc)) from None
+        if len(input_ids) > max_seq_length:
+            if policy != "truncate_left":
+                out.n_dropped_too_long += 1
+                continue
+            input_ids, labels = _truncate_left(input_ids, labels, max_seq_length, tokenizer.bos_token_id)
+            out.n_truncated += 1
+        tokenized = shift_labels(input_ids, labels)
+        if tokenized.n_supervised == 0:
+            out.n_dropped_no_supervised += 1
+            continue
+        out.examples.append(tokenized)
+    return out
+
+
+def load_dataset(path: Path, tokenizer, max_seq_length: int, policy: str, *, param: str) -> TokenizedDataset:
+    return tokenize_examples(read_jsonl(path, param=param), tokenizer, max_seq_length, policy)

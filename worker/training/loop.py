@@ -1,0 +1,338 @@
+"""The training engine: (spec, JSONL files, base model, output dir, callbacks) -> a PEFT LoRA adapter.
+
+A plain loop rather than transformers' `Trainer`: the step here is defined by examples (OpenAI's batch_size),
+packed into rows per step, with gradients normalised by the step's supervised-token count across all its
+micro-batches and the LM head run only on supervised positions. Trainer would need a custom data collator,
+compute_loss, sampler and checkpoint/resume hooks to do the same, and its per-step overhead is measurable on
+a small model. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worker.training.callbacks import TrainingCallbacks
+from worker.training.checkpoint import load_checkpoint, save_checkpoint, write_atomically
+from worker.training.data import TokenizedDataset, TokenizedExample, load_dataset
+from worker.training.errors import TrainingError
+from worker.training.loss import loss_sums
+from worker.training.packing import plan_epoch, step_micro_batches
+from worker.training.spec import TrainingSpec
+
+RESULT_CSV_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+# Validation examples scored every `eval_every` steps (the full set is scored at the end).
+EVAL_SUBSET = 64
+
+
+@dataclass
+class TrainingResult:
+    """What a run produced. `adapter_dir` is None unless the run finished (`stopped` is None)."""
+
+    adapter_dir: Path | None
+    metrics_rows: list[dict]
+    trained_tokens: int  # tokens processed (prompt and answer, every epoch), padding excluded
+    supervised_tokens: int  # tokens the loss was computed on
+    n_steps: int  # optimizer steps completed
+    total_steps: int
+    stopped: str | None  # None, "cancel" or "pause"
+    spec: dict
+    n_examples: int
+    n_dropped_too_long: int
+    n_truncated: int
+    n_dropped_no_supervised: int
+    checkpoints: list[tuple[int, Path]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+    def metrics_csv(self) -> str:
+        """The result file: `step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`."""
+        lines = [",".join(RESULT_CSV_COLUMNS)]
+        for row in self.metrics_rows:
+            lines.append(",".join("" if row.get(c) is None else f"{row[c]:.6g}" for c in RESULT_CSV_COLUMNS))
+        return "\n".join(lines) + "\n"
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 weights when a GPU is present (LoRA weights stay fp32), CPU fp32 otherwise."""
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32
+
+
+def load_base_model(name_or_path: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as exc:
+        raise TrainingError("base_model_unavailable", f"cannot load base model {name_or_path}: {exc}") from None
+    model.config.use_cache = False  # a cache object would disable packed-sequence masking
+    return model.to(device)
+
+
+def build_lora_model(model, spec: TrainingSpec):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=spec.target_modules,
+        use_rslora=spec.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # LoRA A matrices are initialised randomly: seed right before, so the same seed gives the same start.
+    torch.manual_seed(spec.seed)
+    return get_peft_model(model, config)
+
+
+def lr_lambda(spec: TrainingSpec, total_steps: int):
+    warmup = math.ceil(spec.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if spec.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if spec.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def evaluate(model, examples: list[TokenizedExample], spec: TrainingSpec, pad_id: int, device) -> tuple[float, float]:
+    """Mean loss and token accuracy over supervised tokens of `examples` (packed, no gradients)."""
+    was_training = model.training
+    model.eval()
+    loss_total, correct_total, n_total = 0.0, 0, 0
+    with torch.no_grad(), _autocast(device):
+        for mb in step_micro_batches(
+            examples,
+            packing=True,
+            max_seq_length=spec.max_seq_length,
+            pad_id=pad_id,
+            micro_batch_tokens=spec.micro_batch_tokens,
+        ):
+            loss, correct = loss_sums(model, mb.to(device))
+            loss_total += loss.item()
+            correct_total += int(correct)
+            n_total += mb.n_supervised
+    model.train(was_training)
+    return loss_total / n_total, correct_total / n_total
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _checkpoint_steps(spec: TrainingSpec, total_steps: int) -> set[int]:
+    n = min(spec.n_checkpoints, total_steps)
+    return {round(total_steps * k / n) for k in range(1, n + 1)} if n else set()
+
+
+def train(
+    spec: TrainingSpec | dict,
+    train_path: Path,
+    validation_path: Path | None,
+    base_model,
+    output_dir: Path,
+    callbacks: TrainingCallbacks | None = None,
+    resume_from: Path | None = None,
+) -> TrainingResult:
+    """Train a LoRA adapter and return a `TrainingResult`.
+
+    `base_model` is an `app.ml.registry.BaseModelInfo` or a local model directory / hub id. Checkpoints go to
+    `output_dir/checkpoints/checkpoint-NNNNNN`, the final adapter to `output_dir/adapter`. With `resume_from`
+    (a checkpoint dir of a run with the same spec and data) training continues exactly where it stopped.
+    Raises `TrainingError` for conditions the user can fix (no example fits, NaN loss, ...).
+    """
+    from transformers import AutoTokenizer
+
+    spec = TrainingSpec.from_dict(spec) if isinstance(spec, dict) else spec
+    callbacks = callbacks or TrainingCallbacks()
+    output_dir = Path(output_dir)
+    name_or_path = getattr(base_model, "name_or_path", None) or str(base_model)
+    context_length = getattr(base_model, "context_length", None)
+    if context_length and spec.max_seq_length > context_length:
+        raise TrainingError(
+            "max_seq_length_too_long",
+            f"max_seq_length {spec.max_seq_length} exceeds the base model's context length {context_length}",
+            param="hyperparameters.max_seq_length",
+        )
+    device, dtype = pick_device()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    train_data = load_dataset(
+        train_path, tokenizer, spec.max_seq_length, spec.long_example_policy, param="training_file"
+    )
+    _require_examples(train_data, spec)
+    valid_examples: list[TokenizedExample] = []
+    if validation_path is not None:
+        valid_examples = load_dataset(
+            validation_path, tokenizer, spec.max_seq_length, spec.long_example_policy, param="validation_file"
+        ).examples
+
+    _seed_everything(spec.seed)
+    model = build_lora_model(load_base_model(name_or_path, device, dtype), spec)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    n_examples = len(train_data.examples)
+    steps_per_epoch = math.ceil(n_examples / spec.batch_size)
+    total_steps = spec.n_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+
+    rows: list[dict] = []
+    checkpoints: list[tuple[int, Path]] = []
+    trained_tokens = supervised_tokens = 0
+    start_step = 0
+    if resume_from is not None:
+        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler)
+        if state["spec"] != spec.to_dict() or state["n_examples"] != n_examples:
+            raise TrainingError("checkpoint_mismatch", "the checkpoint was written for a different spec or dataset")
+        start_step = state["step"]
+        rows, trained_tokens, supervised_tokens = state["rows"], state["trained_tokens"], state["supervised_tokens"]
+
+    def result(stopped: str | None, adapter_dir: Path | None, step: int, last_ckpt=None) -> TrainingResult:
+        final = rows[-1] if rows and stopped is None else {}
+        return TrainingResult(
+            adapter_dir=adapter_dir,
+            metrics_rows=rows,
+            trained_tokens=trained_tokens,
+            supervised_tokens=supervised_tokens,
+            n_steps=step,
+            total_steps=total_steps,
+            stopped=stopped,
+            spec=spec.to_dict(),
+            n_examples=n_examples,
+            n_dropped_too_long=train_data.n_dropped_too_long,
+            n_truncated=train_data.n_truncated,
+            n_dropped_no_supervised=train_data.n_dropped_no_supervised,
+            checkpoints=checkpoints,
+            last_checkpoint=last_ckpt or (checkpoints[-1][1] if checkpoints else None),
+            full_valid_loss=final.get("full_valid_loss"),
+            full_valid_mean_token_accuracy=final.get("full_valid_mean_token_accuracy"),
+        )
+
+    def checkpoint(step: int) -> Path:
+        progress = {
+            "rows": rows,
+            "trained_tokens": trained_tokens,
+            "supervised_tokens": supervised_tokens,
+            "spec": spec.to_dict(),
+            "n_examples": n_examples,
+        }
+        path = save_checkpoint(output_dir / "checkpoints", step, model, optimizer, scheduler, progress)
+        checkpoints.append((step, path))
+        callbacks.on_checkpoint(step, path, dict(rows[-1]) if rows else {"step": step})
+        return path
+
+    checkpoint_steps = _checkpoint_steps(spec, total_steps)
+    plans: dict[int, list[list[int]]] = {}
+    started = time.monotonic()
+    for step in range(start_step, total_steps):
+        stop = callbacks.should_stop()
+        if stop == "cancel":
+            return result("cancel", None, step)
+        if stop == "pause":
+            return result("pause", None, step, last_ckpt=checkpoint(step))
+
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in plans:
+            plans = {epoch: plan_epoch(n_examples, spec.batch_size, spec.seed, epoch)}
+        batch = [train_data.examples[i] for i in plans[epoch][index]]
+        loss, accuracy, n_tokens, n_supervised = _optimizer_step(
+            model, optimizer, scheduler, trainable, batch, spec, pad_id, device
+        )
+        trained_tokens += n_tokens
+        supervised_tokens += n_supervised
+        step_no = step + 1
+        is_last = step_no == total_steps
+
+        row = {"step": step_no, "train_loss": loss, "train_mean_token_accuracy": accuracy, "train_accuracy": accuracy}
+        row.update(valid_loss=None, valid_mean_token_accuracy=None)
+        if valid_examples and is_last:
+            full_loss, full_acc = evaluate(model, valid_examples, spec, pad_id, device)
+            row.update(valid_loss=full_loss, valid_mean_token_accuracy=full_acc)
+            row.update(full_valid_loss=full_loss, full_valid_mean_token_accuracy=full_acc)
+        elif valid_examples and step_no % spec.eval_every == 0:
+            v_loss, v_acc = evaluate(model, valid_examples[:EVAL_SUBSET], spec, pad_id, device)
+            row.update(valid_loss=v_loss, valid_mean_token_accuracy=v_acc)
+        if step_no % spec.metrics_every == 0 or is_last or row["valid_loss"] is not None:
+            rows.append(row)
+            callbacks.on_metrics(dict(row))
+
+        done = step_no - start_step
+        eta = (time.monotonic() - started) / done * (total_steps - step_no)
+        callbacks.on_progress(step_no, total_steps, eta)
+        if step_no in checkpoint_steps:
+            checkpoint(step_no)
+
+    adapter_dir = write_atomically(output_dir / "adapter", model.save_pretrained)
+    return result(None, adapter_dir, total_steps)
+
+
+def _require_examples(data: TokenizedDataset, spec: TrainingSpec) -> None:
+    if data.examples:
+        return
+    counts = data.counts()
+    raise TrainingError(
+        "no_trainable_examples",
+        f"no training example can be used: {counts['n_dropped_too_long']} longer than max_seq_length "
+        f"{spec.max_seq_length} (policy {spec.long_example_policy!r}), "
+        f"{counts['n_dropped_no_supervised']} with no supervised token, of {counts['n_examples_read']} read",
+        param="training_file",
+    )
+
+
+def _optimizer_step(model, optimizer, scheduler, trainable, batch, spec: TrainingSpec, pad_id: int, device):
+    """One optimizer step over `batch` examples: accumulate over micro-batches, normalised by the step's
+    supervised-token count (not per micro-batch), so batch 8 x 1 and 2 x 4 give the same update."""
+    micro_batches = step_micro_batches(
+        batch,
+        packing=spec.packing,
+        max_seq_length=spec.max_seq_length,
+        pad_id=pad_id,
+        micro_batch_size=spec.micro_batch_size,
+        micro_batch_tokens=spec.micro_batch_tokens,
+    )
+    n_supervised = sum(mb.n_supervised for mb in micro_batches)
+    loss_total = 0.0
+    correct_total = 0
+    for mb in micro_batches:
+        with _autocast(device):
+            loss, correct = loss_sums(model, mb.to(device))
+        (loss / n_supervised).backward()
+        loss_total += loss.item()
+        correct_total += int(correct)
+    mean_loss = loss_total / n_supervised
+    if not math.isfinite(mean_loss):
+        raise TrainingError("nan_loss", "the training loss became NaN or infinite; lower the learning rate")
+    torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, correct_total / n_supervised, sum(mb.n_tokens for mb in micro_batches), n_supervised

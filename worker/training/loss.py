@@ -1,0 +1,73 @@
+"""Summed next-token loss over supervised positions only, with the LM head computed only there.
+
+Running the decoder alone and applying the LM head to the supervised hidden states avoids the
+[tokens x vocab] logits tensor of a plain `model(..., labels=...)` call: prompt tokens (often most of a
+chat example) never reach the head. With a large vocabulary the head runs in chunks under activation
+checkpointing, so at most one chunk of logits is alive at a time, in forward and in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from app.ml.chat import IGNORE_INDEX
+from worker.training.packing import MicroBatch
+
+# Logits elements per chunk (2^24 fp32 = 64 MiB): small datasets with small vocabularies use one chunk.
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+def unwrap_causal_lm(model):
+    """The transformers *ForCausalLM under a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _chunk_sums(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = lm_head(hidden).float()
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.detach().argmax(-1) == targets).sum()
+    return loss, correct
+
+
+def loss_sums(
+    model,
+    batch: MicroBatch,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    use_cache: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, number of correct argmax predictions) over the batch's supervised targets.
+
+    `attention_mask`, `position_ids` and `use_cache` default to the batch's own (packed: no mask, restarting
+    positions, no cache); the overrides exist so tests can reproduce the known packing mistakes.
+    """
+    causal_lm = unwrap_causal_lm(model)
+    decoder = causal_lm.base_model  # e.g. LlamaModel: the transformer without the LM head
+    lm_head = causal_lm.get_output_embeddings()
+    outputs = decoder(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask if attention_mask is None else attention_mask,
+        position_ids=batch.position_ids if position_ids is None else position_ids,
+        use_cache=use_cache,
+    )
+    selected = batch.targets != IGNORE_INDEX
+    hidden = outputs.last_hidden_state[selected]
+    targets = batch.targets[selected]
+    n, vocab = hidden.shape[0], lm_head.weight.shape[0]
+    chunk = max(1, LOGITS_CHUNK_ELEMENTS // vocab)
+    if n <= chunk:
+        return _chunk_sums(lm_head, hidden, targets)
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for start in range(0, n, chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled():
+            part_loss, part_correct = checkpoint(_chunk_sums, lm_head, h, t, use_reentrant=False)
+        else:
+            part_loss, part_correct = _chunk_sums(lm_head, h, t)
+        loss = loss + part_loss
+        correct = correct + part_correct
+    return loss, correct

@@ -1,0 +1,197 @@
+"""The resolved training spec: OpenAI's hyperparameters ("auto" or a number) plus LoRA and engine options.
+
+`resolve_spec` is pure: the same request, dataset size, base-model defaults and seed give the same spec.
+Its `to_dict()` is what the job echoes as the resolved `hyperparameters`.
+
+"auto" rules (also in docs/training.md):
+- n_epochs: 3, raised so that examples x epochs reaches the base model's `auto_min_target_examples`
+  (a small dataset still gets enough passes), lowered so it does not exceed 25,000; always within 1..50.
+- batch_size: the largest power of two <= n_examples / 16, within 1..`auto_max_batch_size` of the base model.
+- learning_rate_multiplier: 1, i.e. the base model's default learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from app.errors import InvalidRequest
+
+AUTO = "auto"
+DEFAULT_SEED = 42
+MAX_TARGET_EXAMPLES = 25_000
+TARGET_EPOCHS = 3
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+LONG_EXAMPLE_POLICIES = ("drop", "truncate_left")
+# Aliases accepted in requests (the issue and users say `r`, `alpha`, `dropout`).
+_ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Every number the loop needs, resolved. `batch_size` is examples per optimizer step; the step's
+    examples are processed in micro-batches (`micro_batch_size` rows when packing, examples when padded;
+    None = as many as fit in `micro_batch_tokens`) with gradients accumulated and normalised by the step's
+    supervised-token count, so the micro-batching never changes the result beyond float rounding."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    learning_rate: float
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: str | list[str]
+    use_rslora: bool
+    max_seq_length: int
+    warmup_ratio: float
+    weight_decay: float
+    lr_scheduler: str
+    max_grad_norm: float
+    n_checkpoints: int
+    eval_every: int
+    metrics_every: int
+    seed: int
+    packing: bool = True
+    long_example_policy: str = "drop"
+    micro_batch_size: int | None = None
+    micro_batch_tokens: int = 16384
+    auto: list[str] = field(default_factory=list)  # which of the OpenAI three were "auto"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingSpec:
+        return cls(**data)
+
+
+def _defaults_dict(defaults) -> dict:
+    if defaults is None:
+        from app.ml.registry import TrainingDefaults
+
+        return TrainingDefaults().to_dict()
+    return defaults.to_dict() if hasattr(defaults, "to_dict") else dict(defaults)
+
+
+def _bad(name: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, param=f"hyperparameters.{name}", code="invalid_hyperparameters")
+
+
+def _number(hp: dict, name: str, default, *, kind=float, lo=None, hi=None, lo_open=False):
+    value = hp.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(name, f"{name} must be a number, got {value!r}")
+    if kind is int and not float(value).is_integer():
+        raise _bad(name, f"{name} must be an integer, got {value!r}")
+    value = kind(value)
+    if not math.isfinite(value):
+        raise _bad(name, f"{name} must be finite")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise _bad(name, f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise _bad(name, f"{name} must be <= {hi}, got {value}")
+    return value
+
+
+def _flag(hp: dict, name: str, default: bool) -> bool:
+    value = hp.get(name, default)
+    if not isinstance(value, bool):
+        raise _bad(name, f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(hp: dict, name: str, default: str, choices) -> str:
+    value = hp.get(name, default)
+    if value not in choices:
+        raise _bad(name, f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def auto_n_epochs(n_examples: int, min_target_examples: int) -> int:
+    epochs = TARGET_EPOCHS
+    if n_examples * epochs < min_target_examples:
+        epochs = math.ceil(min_target_examples / n_examples)
+    elif n_examples * epochs > MAX_TARGET_EXAMPLES:
+        epochs = MAX_TARGET_EXAMPLES // n_examples
+    return max(1, min(50, epochs))
+
+
+def auto_batch_size(n_examples: int, max_batch_size: int) -> int:
+    target = n_examples / 16
+    size = 2 ** math.floor(math.log2(target)) if target >= 1 else 1
+    return max(1, min(max_batch_size, 256, size))
+
+
+def resolve_spec(hyperparameters: dict | None, n_train_examples: int, defaults=None, seed: int | None = None):
+    """Resolve a request's hyperparameters against a dataset size and a base model's `TrainingDefaults`.
+
+    Raises `InvalidRequest(param="hyperparameters.<name>")` for unknown names or out-of-range values.
+    """
+    hp = {_ALIASES.get(k, k): v for k, v in (hyperparameters or {}).items()}
+    d = _defaults_dict(defaults)
+    known = {f for f in TrainingSpec.__dataclass_fields__ if f not in ("learning_rate", "auto")}
+    for name in hp:
+        if name not in known:
+            raise _bad(name, f"unknown hyperparameter {name!r}; known: {', '.join(sorted(known))}")
+    if n_train_examples < 1:
+        raise InvalidRequest("the training file has no examples", param="training_file", code="invalid_n_examples")
+
+    auto = [k for k in ("n_epochs", "batch_size", "learning_rate_multiplier") if hp.get(k, AUTO) == AUTO]
+    n_epochs = (
+        auto_n_epochs(n_train_examples, d["auto_min_target_examples"])
+        if "n_epochs" in auto
+        else _number(hp, "n_epochs", None, kind=int, lo=1, hi=50)
+    )
+    batch_size = (
+        auto_batch_size(n_train_examples, d["auto_max_batch_size"])
+        if "batch_size" in auto
+        else _number(hp, "batch_size", None, kind=int, lo=1, hi=256)
+    )
+    multiplier = (
+        1.0
+        if "learning_rate_multiplier" in auto
+        else _number(hp, "learning_rate_multiplier", None, lo=0, hi=1000, lo_open=True)
+    )
+
+    target_modules = hp.get("target_modules", "all-linear")
+    if target_modules != "all-linear" and (
+        not isinstance(target_modules, list)
+        or not target_modules
+        or not all(isinstance(m, str) and m for m in target_modules)
+    ):
+        raise _bad("target_modules", 'target_modules must be "all-linear" or a non-empty list of module names')
+
+    micro = hp.get("micro_batch_size")
+    if micro is not None:
+        micro = _number(hp, "micro_batch_size", None, kind=int, lo=1, hi=4096)
+    if seed is None:
+        seed = DEFAULT_SEED
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1:
+        raise InvalidRequest("seed must be an integer in 0..2147483647", param="seed")
+
+    return TrainingSpec(
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        learning_rate_multiplier=multiplier,
+        learning_rate=d["learning_rate"] * multiplier,
+        lora_r=_number(hp, "lora_r", d["lora_r"], kind=int, lo=1, hi=1024),
+        lora_alpha=_number(hp, "lora_alpha", d["lora_alpha"], lo=0, hi=4096, lo_open=True),
+        lora_dropout=_number(hp, "lora_dropout", d["lora_dropout"], lo=0, hi=0.9),
+        target_modules=target_modules,
+        use_rslora=_flag(hp, "use_rslora", False),
+        max_seq_length=_number(hp, "max_seq_length", d["max_seq_length"], kind=int, lo=16, hi=262_144),
+        warmup_ratio=_number(hp, "warmup_ratio", d["warmup_ratio"], lo=0, hi=1),
+        weight_decay=_number(hp, "weight_decay", d["weight_decay"], lo=0, hi=10),
+        lr_scheduler=_choice(hp, "lr_scheduler", d["lr_scheduler"], LR_SCHEDULERS),
+        max_grad_norm=_number(hp, "max_grad_norm", d["max_grad_norm"], lo=0, hi=1e6, lo_open=True),
+        n_checkpoints=_number(hp, "n_checkpoints", 3, kind=int, lo=0, hi=100),
+        eval_every=_number(hp, "eval_every", 10, kind=int, lo=1, hi=10**9),
+        metrics_every=_number(hp, "metrics_every", 1, kind=int, lo=1, hi=10**9),
+        seed=seed,
+        packing=_flag(hp, "packing", True),
+        long_example_policy=_choice(hp, "long_example_policy", "drop", LONG_EXAMPLE_POLICIES),
+        micro_batch_size=micro,
+        micro_batch_tokens=_number(hp, "micro_batch_tokens", d["micro_batch_tokens"], kind=int, lo=16, hi=10**8),
+        auto=auto,
+    )
