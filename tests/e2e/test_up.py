@@ -1,0 +1,65 @@
+"""`tuneserve up`, the embedded all-in-one that `make run` starts: migrate, API, one worker, an API key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.e2e.server import free_port, tuneserve_env
+
+
+def start_up(data_dir, **extra) -> tuple[subprocess.Popen, str, list[str]]:
+    port = free_port()
+    env = tuneserve_env(data_dir, f"sqlite:///{data_dir / 'tuneserve.db'}", TUNESERVE_PORT=str(port), **extra)
+    env.pop("TUNESERVE_DATABASE_URL")  # the embedded default: SQLite under the data dir
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    lines = [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return proc, url, lines
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    assert proc.wait(timeout=60) is not None
+
+
+def test_up_creates_a_key_once_and_serves(tmp_path):
+    proc, url, lines = start_up(tmp_path / "data")
+    try:
+        assert lines[0] == f"tuneserve is up at {url}/v1"
+        assert "shown once" in lines[1]
+        key = lines[1].split()[-1]
+        r = httpx.get(f"{url}/v1/files", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.json()["data"] == []
+    finally:
+        stop(proc)
+    assert (tmp_path / "data" / "tuneserve.db").exists()
+
+    proc, url, lines = start_up(tmp_path / "data")
+    try:
+        assert "ts-" not in lines[1]  # not shown again
+        assert httpx.get(f"{url}/v1/files", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    finally:
+        stop(proc)
+
+
+def test_up_uses_the_key_from_the_environment(tmp_path):
+    proc, url, lines = start_up(tmp_path / "data", TUNESERVE_API_KEY="ts-my-chosen-key-0123456789")
+    try:
+        assert lines[1].endswith("ts-my-chosen-key-0123456789")
+        r = httpx.get(f"{url}/v1/files", headers={"Authorization": "Bearer ts-my-chosen-key-0123456789"})
+        assert r.status_code == 200
+    finally:
+        stop(proc)
