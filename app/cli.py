@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,8 @@ def cmd_up(settings: Settings, _args) -> int:
     _prepare(settings)
     key_line = _default_key_line(settings)
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exit so `finally` stops the worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"tuneserve is up at http://{settings.host}:{settings.port}/v1", flush=True)
     print(key_line, flush=True)
     try:
@@ -121,9 +124,7 @@ def cmd_up(settings: Settings, _args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneserve", description="Self-hosted LoRA fine-tuning service.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="migrate, then run the API and one worker (embedded default)").set_defaults(
-        fn=cmd_up
-    )
+    sub.add_parser("up", help="migrate, then run the API and one worker (embedded default)").set_defaults(fn=cmd_up)
     sub.add_parser("serve", help="run the API only").set_defaults(fn=cmd_serve)
     sub.add_parser("worker", help="run a Celery training worker").set_defaults(fn=cmd_worker)
     sub.add_parser("migrate", help="upgrade the database to the latest revision").set_defaults(fn=cmd_migrate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -30,9 +31,18 @@ def start_up(data_dir, **extra) -> tuple[subprocess.Popen, str, list[str]]:
     return proc, url, lines
 
 
+def worker_pids(parent: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
 def stop(proc: subprocess.Popen) -> None:
+    children = worker_pids(proc.pid)
+    assert children, "up started no worker"
     proc.terminate()
-    assert proc.wait(timeout=60) is not None
+    assert proc.wait(timeout=60) == 0
+    for pid in children:  # the worker goes down with it
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
 def test_up_creates_a_key_once_and_serves(tmp_path):
