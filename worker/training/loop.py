@@ -308,6 +308,22 @@ def _require_examples(data: TokenizedDataset, spec: TrainingSpec) -> None:
     )
 
 
+def accumulate_gradients(model, micro_batches, device) -> tuple[float, int, int]:
+    """Backward over all micro-batches of one step, each scaled by 1 / (the whole step's supervised tokens),
+    so the accumulated gradient is that of the mean loss over the step, however it is split.
+    Returns (summed loss, correct predictions, supervised tokens)."""
+    n_supervised = sum(mb.n_supervised for mb in micro_batches)
+    loss_total = 0.0
+    correct_total = 0
+    for mb in micro_batches:
+        with _autocast(device):
+            loss, correct = loss_sums(model, mb.to(device))
+        (loss / n_supervised).backward()
+        loss_total += loss.item()
+        correct_total += int(correct)
+    return loss_total, correct_total, n_supervised
+
+
 def _optimizer_step(model, optimizer, scheduler, trainable, batch, spec: TrainingSpec, pad_id: int, device):
     """One optimizer step over `batch` examples: accumulate over micro-batches, normalised by the step's
     supervised-token count (not per micro-batch), so batch 8 x 1 and 2 x 4 give the same update."""
@@ -319,15 +335,7 @@ def _optimizer_step(model, optimizer, scheduler, trainable, batch, spec: Trainin
         micro_batch_size=spec.micro_batch_size,
         micro_batch_tokens=spec.micro_batch_tokens,
     )
-    n_supervised = sum(mb.n_supervised for mb in micro_batches)
-    loss_total = 0.0
-    correct_total = 0
-    for mb in micro_batches:
-        with _autocast(device):
-            loss, correct = loss_sums(model, mb.to(device))
-        (loss / n_supervised).backward()
-        loss_total += loss.item()
-        correct_total += int(correct)
+    loss_total, correct_total, n_supervised = accumulate_gradients(model, micro_batches, device)
     mean_loss = loss_total / n_supervised
     if not math.isfinite(mean_loss):
         raise TrainingError("nan_loss", "the training loss became NaN or infinite; lower the learning rate")

@@ -38,6 +38,7 @@ def loss_sums(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     use_cache: bool = False,
+    chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, number of correct argmax predictions) over the batch's supervised targets.
 
@@ -57,7 +58,7 @@ def loss_sums(
     hidden = outputs.last_hidden_state[selected]
     targets = batch.targets[selected]
     n, vocab = hidden.shape[0], lm_head.weight.shape[0]
-    chunk = max(1, LOGITS_CHUNK_ELEMENTS // vocab)
+    chunk = max(1, chunk_elements // vocab)
     if n <= chunk:
         return _chunk_sums(lm_head, hidden, targets)
     loss = hidden.new_zeros((), dtype=torch.float32)
