@@ -83,7 +83,7 @@ def cmd_worker(settings: Settings, _args) -> int:
     from worker.celery_app import TRAINING_QUEUE, celery_app
 
     celery_app.worker_main(
-        ["worker", "--queues", TRAINING_QUEUE, "--concurrency", "1", "--loglevel", settings.log_level.upper()]
+        ["worker", "--queues", TRAINING_QUEUE, "--pool", "solo", "--loglevel", settings.log_level.upper()]
     )
     return 0
 

@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     inference: Literal["on", "off"] = "on"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Jobs. The database decides who owns a job: a worker holds a lease it renews every heartbeat.
+    max_running_jobs_per_project: int = Field(default=4, ge=1)
+    job_lease_seconds: float = Field(default=30.0, gt=0)
+    job_heartbeat_seconds: float = Field(default=1.0, gt=0)  # also how often a worker notices cancel/pause
+    job_redispatch_seconds: float = Field(default=30.0, gt=0)  # re-send a job left queued this long
+    reconcile_interval_seconds: float = Field(default=5.0, gt=0)
+    max_job_attempts: int = Field(default=3, ge=1)
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=24 * 3600)
+
     @property
     def database_url_resolved(self) -> str:
         if self.database_url:

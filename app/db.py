@@ -27,9 +27,12 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_conn, _record):
             # WAL lets the API read while the worker writes; foreign keys are off by default in SQLite.
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            # WAL is a property of the file, set once (by the migration's first connection). Switching needs an
+            # exclusive lock that does not wait, so never ask for it when it is already on.
+            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
             cur.close()
 
         return engine

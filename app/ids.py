@@ -18,3 +18,24 @@ def project_id() -> str:
 
 def file_id() -> str:
     return f"file-{_random(24)}"
+
+
+def job_id() -> str:
+    return f"ftjob-{_random(24)}"
+
+
+def event_id() -> str:
+    return f"ftevent-{_random(24)}"
+
+
+def checkpoint_id() -> str:
+    return f"ftckpt_{_random(24)}"
+
+
+def fine_tuned_model_name(base: str, project: str, suffix: str | None, job: str) -> str:
+    """OpenAI's shape, `ft:{base}:{org}:{suffix}:{short id}`; an empty suffix keeps its colons."""
+    return f"ft:{base}:{project}:{suffix or ''}:{job.removeprefix('ftjob-')[:8]}"
+
+
+def checkpoint_model_name(model: str, step: int) -> str:
+    return f"{model}:ckpt-step-{step}"

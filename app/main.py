@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
-from app.api.routes import files, health
+from app.api.routes import files, fine_tuning, health
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
+from app.dispatch import JobDispatcher
+from app.ml.registry import BaseModelRegistry
 from app.storage import LocalStorage
+from worker.leases import reconcile
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,7 +28,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = make_engine(settings.database_url_resolved)
         app.state.sessionmaker = make_sessionmaker(app.state.engine)
         app.state.storage = LocalStorage(settings.storage_dir)
+        app.state.registry = BaseModelRegistry(settings)
+        app.state.dispatcher = JobDispatcher(settings)
+        # Re-drive what the broker may have lost while nothing was running; off the start-up path.
+        threading.Thread(
+            target=reconcile, args=(app.state.sessionmaker, app.state.dispatcher, settings), daemon=True
+        ).start()
         yield
+        app.state.dispatcher.close()
         app.state.engine.dispose()
 
     logging.basicConfig(level=settings.log_level.upper())
@@ -32,4 +43,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(files.router)
+    app.include_router(fine_tuning.router)
     return app

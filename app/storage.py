@@ -4,6 +4,7 @@ complete, so a reader never sees a partial blob and an aborted upload leaves not
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,8 +64,25 @@ class LocalStorage:
         """A path the worker can read directly (local storage only)."""
         return self._path(key)
 
+    def put_dir(self, key: str, source: Path) -> None:
+        """Copy a directory in under `key`, complete or not at all."""
+        target = self._path(key)
+        tmp = self._tmp / uuid.uuid4().hex
+        try:
+            shutil.copytree(source, tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     def temp_files(self) -> list[Path]:
         return list(self._tmp.iterdir())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -54,3 +54,91 @@ class File(Base):
     n_examples: Mapped[int | None] = mapped_column(Integer)
     stats: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class Job(Base):
+    """A fine-tuning job. `attempt` and `lease_until` are the worker's claim: only the holder of the current
+    attempt may write, and only while its lease is live (see worker/leases.py)."""
+
+    __tablename__ = "jobs"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(255))  # as requested: a base model or a fine-tuned model
+    base_model: Mapped[str] = mapped_column(String(255))  # the base model the adapter sits on
+    parent_model: Mapped[str | None] = mapped_column(String(255))  # the fine-tuned model continued from
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    method: Mapped[dict] = mapped_column(JSON)
+    options: Mapped[dict] = mapped_column(JSON)  # every hyperparameter as requested ("auto" or a value)
+    resolved_hyperparameters: Mapped[dict | None] = mapped_column(JSON)
+    user_metadata: Mapped[dict | None] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    error: Mapped[dict | None] = mapped_column(JSON)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(255))
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
+    result_files: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[float | None] = mapped_column(Float)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    dispatched_at: Mapped[float | None] = mapped_column(Float)
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    level: Mapped[str] = mapped_column(String(8))
+    type: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict | None] = mapped_column(JSON)
+
+
+class JobCheckpoint(Base):
+    __tablename__ = "job_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step_number"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    step_number: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(255))
+    storage_key: Mapped[str] = mapped_column(String(255))  # full resume state; its adapter files serve as-is
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class FineTunedModel(Base):
+    """A published adapter: the job's final model or one of its checkpoints."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # ft:{base}:{project}:{suffix}:{short}[:ckpt-step-N]
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    base_model: Mapped[str] = mapped_column(String(255))
+    step_number: Mapped[int | None] = mapped_column(Integer)  # set for checkpoint models
+    storage_key: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class IdempotencyKey(Base):
+    """The first response to a POST with an `Idempotency-Key`, replayed to retries of the same request."""
+
+    __tablename__ = "idempotency_keys"
+
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer)  # None while the first request is in flight
+    response: Mapped[dict | None] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)

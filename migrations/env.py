@@ -2,7 +2,6 @@
 (app.migrate) passes a connection or URL explicitly."""
 
 from alembic import context
-from sqlalchemy import pool
 
 from app.config import get_settings
 from app.db import make_engine, normalise_url
@@ -27,8 +26,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_engine(database_url())
-    engine.pool = pool.NullPool(engine.pool._creator)
+    engine = make_engine(database_url())  # the app's engine, so SQLite files get WAL mode from the start
     with engine.connect() as conn:
         _run(conn)
     engine.dispose()

@@ -49,7 +49,7 @@ def db_url(request, tmp_path) -> Iterator[str]:
     yield url
     engine = make_engine(url)
     with engine.begin() as conn:
-        conn.exec_driver_sql("TRUNCATE projects, api_keys, files RESTART IDENTITY CASCADE")
+        conn.exec_driver_sql("TRUNCATE projects RESTART IDENTITY CASCADE")
     engine.dispose()
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.ml.registry import BaseModelRegistry
 from app.services import keys
+from app.services.job_commands import JobCommands
 from app.services.keys import CurrentProject
 from app.storage import LocalStorage
 
@@ -25,6 +27,14 @@ def get_storage(request: Request) -> LocalStorage:
     return request.app.state.storage
 
 
+def get_registry(request: Request) -> BaseModelRegistry:
+    return request.app.state.registry
+
+
+def get_sessionmaker(request: Request) -> sessionmaker[Session]:
+    return request.app.state.sessionmaker
+
+
 def get_session(request: Request) -> Iterator[Session]:
     with request.app.state.sessionmaker() as session:
         yield session
@@ -33,6 +43,8 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+RegistryDep = Annotated[BaseModelRegistry, Depends(get_registry)]
+SessionmakerDep = Annotated[sessionmaker[Session], Depends(get_sessionmaker)]
 
 
 def current_project(
@@ -42,3 +54,17 @@ def current_project(
 
 
 ProjectDep = Annotated[CurrentProject, Depends(current_project)]
+
+
+def job_commands(
+    request: Request,
+    session: SessionDep,
+    factory: SessionmakerDep,
+    project: ProjectDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobCommands:
+    return JobCommands(session, factory, project, settings, request.app.state.dispatcher, idempotency_key)
+
+
+JobCommandsDep = Annotated[JobCommands, Depends(job_commands)]

@@ -27,12 +27,8 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     loc = [str(part) for part in first.get("loc", ()) if part not in _LOCATIONS]
     param = ".".join(loc) or None
     if first.get("type") == "missing":
-        return InvalidRequest(
-            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
-        )
-    return InvalidRequest(
-        f"Invalid value for '{param}': {first.get('msg')}.", param=param, code="invalid_value"
-    )
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    return InvalidRequest(f"Invalid value for '{param}': {first.get('msg')}.", param=param, code="invalid_value")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -79,9 +79,7 @@ class _FormState:
         name = options.get(b"name", b"").decode("latin-1")
         if b"filename" in options:
             if name != self.file_field:
-                raise InvalidRequest(
-                    f"Unexpected file field {name!r}; send the file as 'file'.", param="file"
-                )
+                raise InvalidRequest(f"Unexpected file field {name!r}; send the file as 'file'.", param="file")
             if self.upload is not None:
                 raise InvalidRequest("Send exactly one file per upload.", param="file")
             raw = options[b"filename"]
@@ -152,7 +150,5 @@ async def receive_upload(
             raise InvalidRequest(f"Malformed multipart body: {exc}", param="file") from exc
         raise
     if state.upload is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
-        )
+        raise InvalidRequest("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
     return ReceivedForm(upload=state.upload, filename=state.filename, fields=state.fields)

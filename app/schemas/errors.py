@@ -16,6 +16,4 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-ERROR_RESPONSES = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 500, 503)
-}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 500, 503)}

@@ -79,9 +79,7 @@ def revoke_key(session: Session, prefix: str) -> int:
 def project_has_keys(session: Session, project_name: str) -> bool:
     return (
         session.scalar(
-            select(ApiKey.id)
-            .join(Project, Project.id == ApiKey.project_id)
-            .where(Project.name == project_name)
+            select(ApiKey.id).join(Project, Project.id == ApiKey.project_id).where(Project.name == project_name)
         )
         is not None
     )
@@ -89,9 +87,7 @@ def project_has_keys(session: Session, project_name: str) -> bool:
 
 def authenticate(session: Session, key: str | None) -> CurrentProject:
     if not key:
-        raise AuthenticationFailed(
-            "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
-        )
+        raise AuthenticationFailed("Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
     row = session.execute(
         select(Project.id, Project.name)
         .join(ApiKey, ApiKey.project_id == Project.id)

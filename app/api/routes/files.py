@@ -50,9 +50,7 @@ async def create_file(
     except BaseException:
         form.upload.abort()
         raise
-    row = await run_in_threadpool(
-        files.store_upload, session, storage, project, form.upload, purpose, form.filename
-    )
+    row = await run_in_threadpool(files.store_upload, session, storage, project, form.upload, purpose, form.filename)
     return FileObject.of(row)
 
 

@@ -22,7 +22,5 @@ def readyz(session: SessionDep) -> dict:
     try:
         session.execute(text("SELECT 1"))
     except Exception as exc:
-        raise ServiceUnavailable(
-            f"database unreachable: {type(exc).__name__}", code="database_unavailable"
-        ) from None
+        raise ServiceUnavailable(f"database unreachable: {type(exc).__name__}", code="database_unavailable") from None
     return {"status": "ok", "database": "ok"}

@@ -1,0 +1,275 @@
+"""The fine-tuning jobs API's rules: creation checks, listing, and the state changes a client may ask for.
+
+The worker's side of the lifecycle (claim, heartbeat, publish) is in worker/leases.py and worker/runner.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app import ids
+from app.datasets.report import MIN_EXAMPLES
+from app.errors import Conflict, InvalidRequest, NotFound
+from app.ml.registry import BaseModelRegistry
+from app.schemas.jobs import CreateJobRequest, Hyperparameters
+from app.services.files import get_file
+from app.services.keys import CurrentProject
+from app.tables import FineTunedModel, Job, JobCheckpoint, JobEvent, now
+from worker.training.spec import DEFAULT_SEED, TrainingSpec, resolve_spec
+
+SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+# Engine options a request may give, at the top level (the SDK's extra_body) or among the hyperparameters.
+ENGINE_OPTIONS = frozenset(TrainingSpec.__dataclass_fields__) - {"learning_rate", "auto", "seed"} | {
+    "r",
+    "alpha",
+    "dropout",
+}
+# Which data formats each method trains on.
+METHOD_FORMATS = {"supervised": ("chat", "prompt_completion")}
+
+
+def add_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message", data=None):
+    session.add(JobEvent(id=ids.event_id(), job_id=job_id, level=level, type=type, message=message, data=data))
+
+
+def _check_training_files(session: Session, project: CurrentProject, request: CreateJobRequest, method: str):
+    training = get_file_param(session, project, request.training_file, "training_file")
+    validation = None
+    if request.validation_file:
+        if request.validation_file == request.training_file:
+            raise InvalidRequest("The validation file must differ from the training file.", param="validation_file")
+        validation = get_file_param(session, project, request.validation_file, "validation_file")
+    for row, param in ((training, "training_file"), (validation, "validation_file")):
+        if row is None:
+            continue
+        if row.purpose != "fine-tune" or row.status != "processed":
+            raise InvalidRequest(
+                f"File {row.id} has purpose {row.purpose!r} and status {row.status!r}; "
+                "fine-tuning needs a processed file uploaded with purpose 'fine-tune'.",
+                param=param,
+                code="invalid_file",
+            )
+        if row.format not in METHOD_FORMATS[method]:
+            raise InvalidRequest(
+                f"File {row.id} holds {row.format} examples; the {method} method trains on "
+                f"{' or '.join(METHOD_FORMATS[method])} examples.",
+                param=param,
+                code="invalid_file_format",
+            )
+    if training.n_examples < MIN_EXAMPLES:
+        raise InvalidRequest(
+            f"Training file has {training.n_examples} example(s), but must have at least {MIN_EXAMPLES} examples",
+            param="training_file",
+            code="invalid_n_examples",
+        )
+    return training, validation
+
+
+def get_file_param(session: Session, project: CurrentProject, file_id: str, param: str):
+    try:
+        return get_file(session, project, file_id)
+    except NotFound:
+        raise InvalidRequest(f"File {file_id} does not exist.", param=param, code="file_not_found") from None
+
+
+def _resolve_model(session: Session, project: CurrentProject, registry: BaseModelRegistry, model: str):
+    """(base model name, parent fine-tuned model or None)."""
+    if model in registry.names():
+        return model, None
+    parent = session.scalar(
+        select(FineTunedModel).where(FineTunedModel.id == model, FineTunedModel.project_id == project.id)
+    )
+    if parent is not None:
+        return parent.base_model, parent.id
+    raise InvalidRequest(
+        f"Model {model!r} is not a base model ({', '.join(registry.names())}) or a fine-tuned model of this project.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _requested_options(request: CreateJobRequest) -> tuple[str, dict]:
+    """The method type and every hyperparameter as requested, merged from the three places clients put them."""
+    method = request.method.type if request.method else "supervised"
+    if method not in METHOD_FORMATS:
+        raise InvalidRequest(
+            f"The {method} method is not supported; use 'supervised'.", param="method.type", code="unsupported_method"
+        )
+    options = dict(request.hyperparameters or {})
+    if request.method and request.method.supervised and request.method.supervised.hyperparameters:
+        if request.hyperparameters:
+            raise InvalidRequest(
+                "Give hyperparameters either in 'method' or at the top level, not both.", param="hyperparameters"
+            )
+        options = dict(request.method.supervised.hyperparameters)
+    for key, value in (request.model_extra or {}).items():
+        if key not in ENGINE_OPTIONS:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
+        options[key] = value
+    for key in Hyperparameters.model_fields:
+        options.setdefault(key, "auto")
+    return method, options
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> None:
+    if metadata is None:
+        return
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(f"metadata holds at most {MAX_METADATA_PAIRS} pairs.", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise InvalidRequest(
+                f"metadata keys are at most {MAX_METADATA_KEY} and values {MAX_METADATA_VALUE} characters.",
+                param=f"metadata.{key[:64]}",
+            )
+
+
+def create_job(
+    session: Session, project: CurrentProject, registry: BaseModelRegistry, request: CreateJobRequest
+) -> Job:
+    """Check the request, then record the job as queued with its events. The caller commits, then dispatches."""
+    if request.suffix is not None and not SUFFIX_PATTERN.match(request.suffix):
+        raise InvalidRequest("suffix must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' and '.'.", param="suffix")
+    _check_metadata(request.metadata)
+    method, options = _requested_options(request)
+    base, parent = _resolve_model(session, project, registry, request.model)
+    training, validation = _check_training_files(session, project, request, method)
+    seed = request.seed if request.seed is not None else DEFAULT_SEED
+    # The same resolution the worker will do, so out-of-range values fail now rather than in the job.
+    resolve_spec(options, training.n_examples, seed=seed)
+
+    job = Job(
+        id=ids.job_id(),
+        project_id=project.id,
+        model=request.model,
+        base_model=base,
+        parent_model=parent,
+        training_file=training.id,
+        validation_file=validation.id if validation else None,
+        suffix=request.suffix,
+        seed=seed,
+        method={"type": method},
+        options=options,
+        user_metadata=request.metadata,
+        status="queued",
+        result_files=[],
+        attempt=0,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    add_event(session, job.id, f"Validating training file: {training.id}")
+    if validation:
+        add_event(session, job.id, f"Validating validation file: {validation.id}")
+    add_event(session, job.id, "Files validated, moving job to queued state")
+    return job
+
+
+def get_job(session: Session, project: CurrentProject, job_id: str, *, for_update: bool = False) -> Job:
+    query = select(Job).where(Job.id == job_id, Job.project_id == project.id)
+    if for_update:
+        query = query.with_for_update()
+    job = session.scalar(query)
+    if job is None:
+        raise NotFound(f"Could not find fine-tuning job {job_id}.", param="fine_tuning_job_id", code="job_not_found")
+    return job
+
+
+@dataclass
+class Page:
+    data: list
+    has_more: bool
+
+
+def _page(session: Session, query, column, after_seq: int | None, limit: int) -> Page:
+    if after_seq is not None:
+        query = query.where(column < after_seq)
+    rows = list(session.scalars(query.order_by(column.desc()).limit(limit + 1)))
+    return Page(rows[:limit], len(rows) > limit)
+
+
+def list_jobs(
+    session: Session, project: CurrentProject, *, after: str | None, limit: int, metadata: dict[str, str]
+) -> Page:
+    query = select(Job).where(Job.project_id == project.id)
+    for key, value in metadata.items():
+        query = query.where(Job.user_metadata[key].as_string() == value)
+    after_seq = get_job(session, project, after).seq if after else None
+    return _page(session, query, Job.seq, after_seq, limit)
+
+
+def list_events(session: Session, project: CurrentProject, job_id: str, *, after: str | None, limit: int) -> Page:
+    get_job(session, project, job_id)
+    after_seq = None
+    if after:
+        after_seq = session.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
+        if after_seq is None:
+            raise NotFound(f"No event {after} in job {job_id}.", param="after")
+    return _page(session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.seq, after_seq, limit)
+
+
+def list_checkpoints(session: Session, project: CurrentProject, job_id: str, *, after: str | None, limit: int) -> Page:
+    get_job(session, project, job_id)
+    after_seq = None
+    if after:
+        after_seq = session.scalar(
+            select(JobCheckpoint.seq).where(JobCheckpoint.id == after, JobCheckpoint.job_id == job_id)
+        )
+        if after_seq is None:
+            raise NotFound(f"No checkpoint {after} in job {job_id}.", param="after")
+    query = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
+    return _page(session, query, JobCheckpoint.seq, after_seq, limit)
+
+
+def _illegal(job: Job, action: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Cannot {action} job {job.id}: it is {job.status}.", param="fine_tuning_job_id", code="invalid_job_state"
+    )
+
+
+def cancel_job(session: Session, project: CurrentProject, job_id: str) -> Job:
+    """A running worker sees the change at its next heartbeat and stops without publishing anything."""
+    job = get_job(session, project, job_id, for_update=True)
+    if job.status in TERMINAL:
+        raise _illegal(job, "cancel")
+    job.status, job.finished_at, job.estimated_finish = "cancelled", now(), None
+    add_event(session, job.id, "Fine-tuning job cancelled")
+    return job
+
+
+def pause_job(session: Session, project: CurrentProject, job_id: str) -> Job:
+    """A running worker writes a checkpoint, then lets go of the job; resume continues from that checkpoint."""
+    job = get_job(session, project, job_id, for_update=True)
+    if job.status not in ("running", "queued"):
+        raise _illegal(job, "pause")
+    job.status, job.estimated_finish = "paused", None
+    add_event(session, job.id, "Fine-tuning job paused")
+    return job
+
+
+def resume_job(session: Session, project: CurrentProject, job_id: str) -> Job:
+    job = get_job(session, project, job_id, for_update=True)
+    if job.status != "paused":
+        raise _illegal(job, "resume")
+    if job.lease_until is not None and job.lease_until > now():
+        # The worker is still writing its pause checkpoint; the SDK retries a 409 by itself.
+        raise Conflict(
+            f"Job {job.id} is still pausing; try again in a moment.", param="fine_tuning_job_id", code="job_pausing"
+        )
+    job.status, job.dispatched_at = "queued", None
+    add_event(session, job.id, "Fine-tuning job resumed")
+    return job
+
+
+def running_jobs(session: Session, project_id: str) -> int:
+    return session.scalar(select(func.count()).where(Job.project_id == project_id, Job.status == "running"))
+
+
+def mark_dispatched(session: Session, job_id: str, at: float) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=at))

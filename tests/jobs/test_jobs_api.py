@@ -1,0 +1,226 @@
+"""The jobs API through the ASGI app (no worker): creation checks, objects, lists, state changes, isolation."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select, update
+
+from app.tables import Job
+from tests.datasets.samples import jsonl, preference_example, prompt_completion_example, valid_chat_file
+
+JOB_KEYS = {
+    "id", "object", "created_at", "model", "organization_id", "status", "fine_tuned_model", "finished_at",
+    "trained_tokens", "estimated_finish", "training_file", "validation_file", "result_files", "seed",
+    "hyperparameters", "method", "error", "integrations", "metadata", "user_provided_suffix",
+}  # fmt: skip
+
+
+def upload(client, body: bytes = None, purpose: str = "fine-tune") -> str:
+    r = client.post(
+        "/v1/files", data={"purpose": purpose}, files={"file": ("t.jsonl", body or valid_chat_file(12))}
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def create(client, headers=None, **body):
+    body.setdefault("model", "tuneserve-tiny")
+    return client.post("/v1/fine_tuning/jobs", json=body, headers=headers or {})
+
+
+@pytest.fixture
+def training_file(client) -> str:
+    return upload(client)
+
+
+def test_create_returns_a_complete_job_object(client, training_file):
+    r = create(client, training_file=training_file, suffix="my-model", metadata={"team": "a"}, lora_r=4)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert set(job) >= JOB_KEYS
+    assert job["id"].startswith("ftjob-") and job["object"] == "fine_tuning.job"
+    assert job["status"] == "queued" and job["fine_tuned_model"] is None and job["error"] is None
+    assert job["finished_at"] is None and job["trained_tokens"] is None and job["estimated_finish"] is None
+    assert job["hyperparameters"] == {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto",
+                                      "lora_r": 4}  # fmt: skip
+    assert job["method"] == {"type": "supervised", "supervised": {"hyperparameters": job["hyperparameters"]}}
+    assert job["lora_r"] == 4  # extra options are echoed
+    assert job["metadata"] == {"team": "a"} and job["user_provided_suffix"] == "my-model"
+    assert job["result_files"] == [] and job["validation_file"] is None and job["seed"] == 42
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json() == job
+
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
+    messages = [e["message"] for e in events["data"]]
+    assert messages[0] == "Files validated, moving job to queued state"  # newest first
+    assert messages[-1] == f"Created fine-tuning job: {job['id']}"
+    assert all(e["object"] == "fine_tuning.job.event" and e["type"] == "message" for e in events["data"])
+
+
+def test_method_form_and_explicit_hyperparameters(client, training_file):
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}}
+    job = create(client, training_file=training_file, method=method, seed=7).json()
+    assert job["hyperparameters"]["n_epochs"] == 2 and job["hyperparameters"]["batch_size"] == 4
+    assert job["seed"] == 7
+
+
+@pytest.mark.parametrize(
+    "body,param,code",
+    [
+        ({"training_file": "file-missing"}, "training_file", "file_not_found"),
+        ({"model": "no-such-model"}, "model", "model_not_found"),
+        ({"suffix": "bad suffix!"}, "suffix", None),
+        ({"suffix": "x" * 65}, "suffix", None),
+        ({"seed": -1}, "seed", None),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "invalid_hyperparameters"),
+        ({"hyperparameters": {"n_epochs": 51}}, "hyperparameters.n_epochs", "invalid_hyperparameters"),
+        ({"hyperparameters": {"batch_size": 257}}, "hyperparameters.batch_size", "invalid_hyperparameters"),
+        ({"hyperparameters": {"learning_rate_multiplier": 0}}, "hyperparameters.learning_rate_multiplier", None),
+        ({"hyperparameters": {"bogus": 1}}, "hyperparameters.bogus", "invalid_hyperparameters"),
+        ({"lora_r": 0}, "hyperparameters.lora_r", "invalid_hyperparameters"),
+        ({"not_an_option": 1}, "not_an_option", "unknown_parameter"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", None),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k", None),
+        ({"method": {"type": "dpo"}}, "method.type", "unsupported_method"),
+        ({"method": {"type": "nonsense"}}, "method.type", None),
+        ({"model": None}, "model", None),
+    ],
+)
+def test_creation_checks(client, training_file, body, param, code):
+    body = {"training_file": training_file, **body}
+    r = create(client, **body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    if code:
+        assert error["code"] == code
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def test_file_checks(client, training_file):
+    assert create(client, training_file=training_file, validation_file=training_file).json()["error"]["param"] == (
+        "validation_file"
+    )
+    batch_file = upload(client, b"anything", purpose="batch")
+    r = create(client, training_file=batch_file)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "training_file"
+    preference = upload(client, jsonl(preference_example(i) for i in range(10)))
+    r = create(client, training_file=preference)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_file_format"
+    r = create(client, training_file=training_file, validation_file=preference)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "validation_file"
+    completion = upload(client, jsonl(prompt_completion_example(i) for i in range(10)))
+    assert create(client, training_file=completion).status_code == 200
+
+
+def test_too_few_examples_fails_like_openai(client, training_file, sessionmaker):
+    from app.tables import File
+
+    with sessionmaker() as session:  # a file stored before the upload minimum existed
+        session.execute(update(File).where(File.id == training_file).values(n_examples=3))
+        session.commit()
+    error = create(client, training_file=training_file).json()["error"]
+    assert error == {
+        "code": "invalid_n_examples",
+        "param": "training_file",
+        "message": "Training file has 3 example(s), but must have at least 10 examples",
+        "type": "invalid_request_error",
+    }
+
+
+def test_list_pagination_and_metadata_filter(client, training_file):
+    ids = [create(client, training_file=training_file, metadata={"i": str(i % 2)}).json()["id"] for i in range(5)]
+    page = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["data"]] == [ids[4], ids[3]] and page["has_more"] is True
+    page = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": ids[3]}).json()
+    assert [j["id"] for j in page["data"]] == [ids[2], ids[1]]
+    page = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": ids[1]}).json()
+    assert [j["id"] for j in page["data"]] == [ids[0]] and page["has_more"] is False
+    odd = client.get("/v1/fine_tuning/jobs", params={"metadata[i]": "1"}).json()
+    assert [j["id"] for j in odd["data"]] == [ids[3], ids[1]]
+
+
+def test_events_pagination(client, training_file):
+    job_id = create(client, training_file=training_file).json()["id"]
+    first = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 2}).json()
+    assert len(first["data"]) == 2 and first["has_more"] is True
+    rest = client.get(
+        f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": first["data"][-1]["id"], "limit": 10}
+    ).json()
+    assert len(rest["data"]) == 1 and rest["has_more"] is False
+    assert {e["id"] for e in first["data"]}.isdisjoint(e["id"] for e in rest["data"])
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()
+    assert checkpoints == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+
+
+def test_state_changes_and_illegal_transitions(client, training_file, sessionmaker):
+    job_id = create(client, training_file=training_file).json()["id"]
+    base = f"/v1/fine_tuning/jobs/{job_id}"
+    assert client.post(f"{base}/resume").status_code == 400  # not paused
+    assert client.post(f"{base}/pause").json()["status"] == "paused"
+    assert client.post(f"{base}/pause").status_code == 400
+    assert client.post(f"{base}/resume").json()["status"] == "queued"
+    cancelled = client.post(f"{base}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    for action in ("cancel", "pause", "resume"):
+        r = client.post(f"{base}/{action}")
+        assert r.status_code == 400, action
+        assert r.json()["error"]["code"] == "invalid_job_state"
+    messages = [e["message"] for e in client.get(f"{base}/events").json()["data"]]
+    assert messages[:3] == ["Fine-tuning job cancelled", "Fine-tuning job resumed", "Fine-tuning job paused"]
+
+
+def test_resume_waits_for_a_pausing_worker(client, training_file, sessionmaker):
+    import time
+
+    job_id = create(client, training_file=training_file).json()["id"]
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    with sessionmaker() as session:  # a worker still holds the lease while it writes its checkpoint
+        session.execute(update(Job).where(Job.id == job_id).values(lease_until=time.time() + 60))
+        session.commit()
+    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_pausing"
+
+
+def test_idempotency_replay_and_mismatch(client, training_file, sessionmaker):
+    headers = {"Idempotency-Key": "create-1"}
+    first = create(client, headers, training_file=training_file)
+    again = create(client, headers, training_file=training_file)
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json()
+    other = create(client, headers, training_file=training_file, suffix="different")
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_mismatch"
+    with sessionmaker() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
+    # A client error is replayed too, and does not create anything.
+    bad = create(client, {"Idempotency-Key": "bad-1"}, training_file="file-nope")
+    assert create(client, {"Idempotency-Key": "bad-1"}, training_file="file-nope").json() == bad.json()
+
+
+def test_idempotency_keys_are_per_project(app_client, alpha_key, beta_key):
+    for key in (alpha_key, beta_key):
+        app_client.headers["Authorization"] = f"Bearer {key}"
+        file_id = upload(app_client)
+        r = create(app_client, {"Idempotency-Key": "same"}, training_file=file_id)
+        assert r.status_code == 200, r.text
+
+
+def test_other_projects_jobs_are_404(app_client, alpha_key, beta_key):
+    app_client.headers["Authorization"] = f"Bearer {alpha_key}"
+    file_id = upload(app_client)
+    job_id = create(app_client, training_file=file_id).json()["id"]
+    app_client.headers["Authorization"] = f"Bearer {beta_key}"
+    for method, path in [
+        ("GET", f"/v1/fine_tuning/jobs/{job_id}"),
+        ("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel"),
+        ("POST", f"/v1/fine_tuning/jobs/{job_id}/pause"),
+        ("POST", f"/v1/fine_tuning/jobs/{job_id}/resume"),
+        ("GET", f"/v1/fine_tuning/jobs/{job_id}/events"),
+        ("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints"),
+        ("GET", f"/v1/fine_tuning/jobs?after={job_id}"),
+    ]:
+        r = app_client.request(method, path)
+        assert r.status_code == 404, (method, path, r.text)
+    assert app_client.get("/v1/fine_tuning/jobs").json()["data"] == []
+    # Nor can another project train on alpha's file.
+    r = create(app_client, training_file=file_id)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "file_not_found"

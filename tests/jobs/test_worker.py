@@ -1,0 +1,193 @@
+"""The worker's side, in process with real training on the tiny model: claim, fence, publish, cancel, pause,
+duplicates, the reconciler and the attempt limit. (Subprocess workers and broker faults: tests/e2e.)"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from sqlalchemy import func, select, update
+
+from app.db import session_scope
+from app.tables import File, FineTunedModel, Job, JobCheckpoint
+from tests.jobs.conftest import event_messages, job_row, wait_for
+from worker.leases import claim_job, fence, reconcile
+from worker.runner import run_job
+
+pytestmark = pytest.mark.slow
+
+
+class RecordingDispatcher:
+    def __init__(self):
+        self.sent: list[str] = []
+
+    def send(self, job_id: str) -> bool:
+        self.sent.append(job_id)
+        return True
+
+
+def count(sessionmaker, model, **where) -> int:
+    with sessionmaker() as session:
+        query = select(func.count()).select_from(model)
+        for key, value in where.items():
+            query = query.where(getattr(model, key) == value)
+        return session.scalar(query)
+
+
+def test_a_job_runs_to_a_published_model(client, ctx, sessionmaker, create_job, settings):
+    job_id = create_job(suffix="demo", n_checkpoints=2)
+    assert run_job(ctx, job_id) == "succeeded"
+
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["error"] is None and job["finished_at"]
+    assert job["fine_tuned_model"] == f"ft:tuneserve-tiny:alpha:demo:{job_id[6:14]}"
+    assert job["trained_tokens"] > 0
+    hp = job["hyperparameters"]
+    assert (hp["n_epochs"], hp["batch_size"], hp["learning_rate_multiplier"]) == (2, 4, 1.0)
+    assert hp["n_checkpoints"] == 2 and isinstance(hp["learning_rate"], float)
+
+    [result_file] = job["result_files"]
+    meta = client.get(f"/v1/files/{result_file}").json()
+    assert meta["purpose"] == "fine-tune-results" and meta["filename"] == "step_metrics.csv"
+    csv = client.get(f"/v1/files/{result_file}/content").text.splitlines()
+    assert csv[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert [line.split(",")[0] for line in csv[1:]] == [str(step) for step in range(1, 11)]
+
+    metrics = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    steps = [e for e in metrics if e["type"] == "metrics"]
+    assert len(steps) == 10
+    assert steps[0]["message"].startswith("Step 10/10: training loss=")
+    assert set(steps[0]["data"]) >= {"step", "train_loss", "train_mean_token_accuracy"}
+    messages = [e["message"] for e in metrics]
+    assert messages[0] == "The job has successfully completed"
+    assert messages[1] == f"New fine-tuned model created: {job['fine_tuned_model']}"
+
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in checkpoints] == [10, 5]  # newest first
+    assert checkpoints[0]["fine_tuned_model_checkpoint"] == f"{job['fine_tuned_model']}:ckpt-step-10"
+    assert checkpoints[0]["metrics"]["step"] == 10 and checkpoints[0]["metrics"]["train_loss"] is not None
+
+    # One model row for the job and one per checkpoint; the adapter is in storage, loadable as PEFT's.
+    with sessionmaker() as session:
+        models = {m.id: m for m in session.scalars(select(FineTunedModel))}
+    assert set(models) == {job["fine_tuned_model"], *(c["fine_tuned_model_checkpoint"] for c in checkpoints)}
+    adapter_dir = ctx.storage.local_path(models[job["fine_tuned_model"]].storage_key)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] and (adapter_dir / "adapter_model.safetensors").is_file()
+    work = settings.data_dir / "work" / job_id
+    assert not work.exists() or not any(work.iterdir())  # the attempt's scratch space is gone
+
+
+def test_the_same_job_delivered_twice_at_once_trains_once(ctx, sessionmaker, create_job):
+    job_id = create_job()
+    outcomes: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def deliver():
+        barrier.wait()
+        outcomes.append(run_job(ctx, job_id))
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["skipped", "succeeded"]
+    assert count(sessionmaker, FineTunedModel, job_id=job_id, step_number=None) == 1
+    assert job_row(sessionmaker, job_id).attempt == 1
+    # A late duplicate changes nothing either.
+    assert run_job(ctx, job_id) == "skipped"
+
+
+def test_a_stale_worker_can_write_nothing(ctx, sessionmaker, create_job, settings):
+    job_id = create_job()
+    stale = claim_job(sessionmaker, job_id, settings)
+    assert stale.attempt == 1
+    assert claim_job(sessionmaker, job_id, settings) is None  # its lease is live
+    with session_scope(sessionmaker) as session:  # the lease runs out (a frozen or partitioned worker)
+        session.execute(update(Job).where(Job.id == job_id).values(lease_until=time.time() - 1))
+    dispatcher = RecordingDispatcher()
+    assert reconcile(sessionmaker, dispatcher, settings)["requeued"] == 1
+    assert dispatcher.sent == [job_id]
+    assert run_job(ctx, job_id) == "succeeded"  # attempt 2 trains and publishes
+
+    with session_scope(sessionmaker) as session:
+        assert not fence(session, stale, settings, "running", "paused", "succeeded")
+    assert job_row(sessionmaker, job_id).attempt == 2
+    assert "The job's worker stopped responding; re-queued to resume from its last checkpoint" in event_messages(
+        sessionmaker, job_id
+    )
+
+
+def test_gives_up_after_max_attempts(sessionmaker, create_job, settings, client):
+    job_id = create_job()
+    for _ in range(settings.max_job_attempts):
+        assert claim_job(sessionmaker, job_id, settings) is not None
+        with session_scope(sessionmaker) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(lease_until=time.time() - 1))
+        reconcile(sessionmaker, RecordingDispatcher(), settings)
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "max_attempts_exceeded"
+    assert "giving up" in job["error"]["message"]
+
+
+def test_running_jobs_per_project_are_limited(sessionmaker, create_job, settings):
+    limited = settings.model_copy(update={"max_running_jobs_per_project": 1})
+    first, second = create_job(), create_job()
+    assert claim_job(sessionmaker, first, limited) is not None
+    assert claim_job(sessionmaker, second, limited) is None
+    assert job_row(sessionmaker, second).status == "queued"
+
+
+def run_in_thread(ctx, job_id) -> tuple[threading.Thread, list[str]]:
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(run_job(ctx, job_id)))
+    thread.start()
+    return thread, outcome
+
+
+def test_cancel_mid_training_publishes_nothing(client, ctx, sessionmaker, create_job):
+    job_id = create_job(hyperparameters={"n_epochs": 50, "batch_size": 1})  # 1000 steps: long enough
+    thread, outcome = run_in_thread(ctx, job_id)
+    wait_for(lambda: any(m.startswith("Step ") for m in event_messages(sessionmaker, job_id)))
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    thread.join(timeout=30)
+    assert outcome == ["cancelled"]
+    job = job_row(sessionmaker, job_id)
+    assert job.status == "cancelled" and job.fine_tuned_model is None
+    assert count(sessionmaker, FineTunedModel) == 0
+    assert count(sessionmaker, File, purpose="fine-tune-results") == 0
+
+
+def test_pause_then_resume_continues_from_the_checkpoint(client, ctx, sessionmaker, create_job):
+    job_id = create_job(hyperparameters={"n_epochs": 5, "batch_size": 1})  # 100 steps
+    thread, outcome = run_in_thread(ctx, job_id)
+    wait_for(lambda: any(m.startswith("Step 3/") for m in event_messages(sessionmaker, job_id)))
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+    thread.join(timeout=30)
+    assert outcome == ["paused"]
+    job = job_row(sessionmaker, job_id)
+    assert job.status == "paused" and job.lease_until is None
+    with sessionmaker() as session:
+        paused_at = session.scalar(select(func.max(JobCheckpoint.step_number)).where(JobCheckpoint.job_id == job_id))
+    assert paused_at >= 3
+
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
+    assert run_job(ctx, job_id) == "succeeded"
+    messages = event_messages(sessionmaker, job_id)
+    assert f"Fine-tuning job resumed from step {paused_at} (attempt 2)" in messages
+    # The resumed run reported only the steps after the checkpoint.
+    resumed_steps = [m for m in messages[messages.index("Fine-tuning job resumed"):] if m.startswith("Step ")]
+    assert resumed_steps[0].startswith(f"Step {paused_at + 1}/100")
+
+
+def test_training_errors_fail_the_job_with_an_actionable_code(client, ctx, create_job):
+    job_id = create_job(max_seq_length=16)  # no example fits
+    assert run_job(ctx, job_id) == "failed"
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "no_trainable_examples"
+    assert job["error"]["message"] and job["fine_tuned_model"] is None
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    assert events[0]["level"] == "error"

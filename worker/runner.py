@@ -1,0 +1,215 @@
+"""Running one claimed job: resolve its spec, train with callbacks that write through the lease, and end it
+as succeeded (published), paused, failed (with a code a user can act on) or not at all (cancelled or lost)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from app import ids
+from app.db import session_scope
+from app.services.files import storage_key as file_storage_key
+from app.services.jobs import add_event
+from app.tables import File, Job, JobCheckpoint, Project
+from worker.context import WorkerContext
+from worker.heartbeat import Heartbeat
+from worker.leases import Claim, LeaseLost, claim_job, fail_job, fenced_session
+from worker.publish import publish
+from worker.training.callbacks import TrainingCallbacks
+from worker.training.errors import TrainingError
+from worker.training.loop import train
+from worker.training.spec import resolve_spec
+
+log = logging.getLogger("tuneserve.runner")
+
+CHECKPOINT_METRICS = (
+    "step",
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+)
+
+
+def checkpoint_key(claim: Claim, step: int) -> str:
+    return f"jobs/{claim.job_id}/checkpoints/step-{step:06d}-attempt-{claim.attempt}"
+
+
+class JobCallbacks(TrainingCallbacks):
+    """The loop's callbacks for a job: every write is fenced by the claim."""
+
+    def __init__(self, ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, model_name: str):
+        self._ctx, self._claim, self._heartbeat, self._model_name = ctx, claim, heartbeat, model_name
+        self._pending_metrics: dict | None = None
+        self._unwritten: list[tuple[str, dict]] = []
+        self._flushed_at = time.monotonic()
+        self._flush_every = ctx.settings.job_heartbeat_seconds
+
+    def _write(self, *statuses: str):
+        return fenced_session(self._ctx.sessionmaker, self._claim, self._ctx.settings, *statuses)
+
+    def on_metrics(self, row: dict) -> None:
+        self._pending_metrics = row  # completed in on_progress, which follows it and knows the step count
+
+    def on_progress(self, step: int, total_steps: int, eta_seconds: float | None) -> None:
+        self._heartbeat.eta_seconds = eta_seconds
+        row, self._pending_metrics = self._pending_metrics, None
+        if row is not None:
+            self._unwritten.append(_metrics_event(row, total_steps))
+        # One transaction per heartbeat interval, not per step: a step of a small model takes milliseconds.
+        if self._unwritten and (step == total_steps or time.monotonic() - self._flushed_at >= self._flush_every):
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        events, self._unwritten = self._unwritten, []
+        self._flushed_at = time.monotonic()
+        if not events:
+            return
+        try:
+            # "paused" too: the steps under way when a pause came in are still reported.
+            with self._write("running", "paused") as session:
+                for message, data in events:
+                    add_event(session, self._claim.job_id, message, type="metrics", data=data)
+        except LeaseLost:
+            self._heartbeat.stop_request = "cancel"
+
+    def on_checkpoint(self, step: int, checkpoint_dir: Path, metrics: dict) -> None:
+        self.flush_metrics()  # a checkpoint's events follow the steps before it
+        if step == 0:
+            return  # paused before the first step: nothing worth keeping
+        key = checkpoint_key(self._claim, step)
+        self._ctx.storage.put_dir(key, checkpoint_dir)
+        try:
+            with self._write("running", "paused") as session:
+                exists = session.scalar(
+                    select(JobCheckpoint.id).where(
+                        JobCheckpoint.job_id == self._claim.job_id, JobCheckpoint.step_number == step
+                    )
+                )
+                if exists:
+                    return
+                session.add(
+                    JobCheckpoint(
+                        id=ids.checkpoint_id(),
+                        job_id=self._claim.job_id,
+                        step_number=step,
+                        metrics={k: metrics.get(k) for k in CHECKPOINT_METRICS} | {"step": step},
+                        fine_tuned_model_checkpoint=ids.checkpoint_model_name(self._model_name, step),
+                        storage_key=key,
+                    )
+                )
+                add_event(session, self._claim.job_id, f"Checkpoint created at step {step}")
+        except LeaseLost:
+            self._ctx.storage.delete(key)
+            self._heartbeat.stop_request = "cancel"
+
+    def should_stop(self):
+        return self._heartbeat.stop_request
+
+
+def _metrics_event(row: dict, total_steps: int) -> tuple[str, dict]:
+    message = f"Step {row['step']}/{total_steps}: training loss={row['train_loss']:.4f}"
+    if row.get("valid_loss") is not None:
+        message += f", validation loss={row['valid_loss']:.4f}"
+    data = {k: row[k] for k in CHECKPOINT_METRICS if row.get(k) is not None}
+    data["total_steps"] = total_steps
+    return message, data
+
+
+def run_job(ctx: WorkerContext, job_id: str) -> str:
+    """Claim and run the job; returns what happened (for logs and tests)."""
+    claim = claim_job(ctx.sessionmaker, job_id, ctx.settings)
+    if claim is None:
+        return "skipped"
+    work_dir = ctx.settings.data_dir / "work" / job_id / f"attempt-{claim.attempt}"
+    try:
+        with Heartbeat(ctx, claim) as heartbeat:
+            return _run_claimed(ctx, claim, heartbeat, work_dir)
+    except LeaseLost:
+        return "lost"
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_dir: Path) -> str:
+    with session_scope(ctx.sessionmaker) as session:
+        job = session.scalar(select(Job).where(Job.id == claim.job_id))
+        project = session.scalar(select(Project.name).where(Project.id == job.project_id))
+        training = session.scalar(select(File).where(File.id == job.training_file))
+        resume = session.scalar(
+            select(JobCheckpoint)
+            .where(JobCheckpoint.job_id == job.id)
+            .order_by(JobCheckpoint.step_number.desc())
+            .limit(1)
+        )
+        session.expunge_all()
+    model_name = ids.fine_tuned_model_name(job.base_model, project, job.suffix, job.id)
+    storage = ctx.storage
+    try:
+        base = ctx.registry.resolve(job.base_model)
+        spec = resolve_spec(job.options, training.n_examples, defaults=base.defaults, seed=job.seed)
+        with fenced_session(ctx.sessionmaker, claim, ctx.settings, "running") as session:
+            session.get(Job, job.seq).resolved_hyperparameters = spec.to_dict()
+        result = train(
+            spec,
+            storage.local_path(file_storage_key(job.training_file)),
+            storage.local_path(file_storage_key(job.validation_file)) if job.validation_file else None,
+            base,
+            work_dir,
+            JobCallbacks(ctx, claim, heartbeat, model_name),
+            resume_from=storage.local_path(resume.storage_key) if resume else None,
+        )
+        if result.stopped == "pause":
+            _release_paused(ctx, claim, result.n_steps)
+            return "paused"
+        if result.stopped == "cancel":
+            return "cancelled"
+        _report_dropped(ctx, claim, result)
+        publish(ctx, claim, result)
+        return "succeeded"
+    except TrainingError as exc:
+        _fail(ctx, claim, exc.code, exc.message, exc.param)
+    except torch.OutOfMemoryError:
+        _fail(ctx, claim, "out_of_memory", "Training ran out of memory; lower batch_size or max_seq_length.")
+    except (LeaseLost, DBAPIError) as exc:
+        if isinstance(exc, IntegrityError):
+            raise
+        # Lost the job or the database: the lease expires and the reconciler re-drives the job.
+        log.warning("job %s attempt %s stopped: %s", claim.job_id, claim.attempt, exc)
+        raise LeaseLost(claim.job_id) from exc
+    except Exception as exc:
+        log.exception("job %s failed unexpectedly", claim.job_id)
+        _fail(ctx, claim, "internal_error", f"Training failed unexpectedly: {type(exc).__name__}: {exc}")
+    return "failed"
+
+
+def _fail(ctx: WorkerContext, claim: Claim, code: str, message: str, param: str | None = None) -> None:
+    with fenced_session(ctx.sessionmaker, claim, ctx.settings, "running") as session:
+        fail_job(session, session.scalar(select(Job).where(Job.id == claim.job_id)), code, message, param)
+
+
+def _release_paused(ctx: WorkerContext, claim: Claim, step: int) -> None:
+    with fenced_session(ctx.sessionmaker, claim, ctx.settings, "paused") as session:
+        session.scalar(select(Job).where(Job.id == claim.job_id)).lease_until = None
+        add_event(session, claim.job_id, f"Training paused at step {step}; resume continues from there")
+
+
+def _report_dropped(ctx: WorkerContext, claim: Claim, result) -> None:
+    notes = []
+    if result.n_dropped_too_long:
+        notes.append(f"{result.n_dropped_too_long} example(s) longer than max_seq_length were dropped")
+    if result.n_truncated:
+        notes.append(f"{result.n_truncated} example(s) were truncated from the left to fit max_seq_length")
+    if result.n_dropped_no_supervised:
+        notes.append(f"{result.n_dropped_no_supervised} example(s) had no trained token left and were dropped")
+    if notes:
+        with fenced_session(ctx.sessionmaker, claim, ctx.settings, "running") as session:
+            add_event(session, claim.job_id, "; ".join(notes).capitalize() + ".", level="warn")
