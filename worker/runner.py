@@ -134,7 +134,9 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         with Heartbeat(ctx, claim) as heartbeat:
             return _run_claimed(ctx, claim, heartbeat, work_dir)
     except LeaseLost:
-        return "lost"
+        with ctx.sessionmaker() as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+        return "cancelled" if status == "cancelled" else "lost"
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 

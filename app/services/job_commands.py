@@ -3,7 +3,6 @@ commits, and only then wakes a worker, so a task never names a job that is not i
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,13 +50,8 @@ class JobCommands:
         )
         job = holder.get("job")
         if not replayed and job is not None and job.status == "queued":
-            self._dispatch(job.id)
+            self.dispatcher.send(job.id)  # after the commit, so the task never names a job not yet stored
         return status, body
-
-    def _dispatch(self, job_id: str) -> None:
-        if self.dispatcher.send(job_id):
-            jobs.mark_dispatched(self.session, job_id, time.time())
-            self.session.commit()
 
     def create(self, request: CreateJobRequest, registry: BaseModelRegistry) -> tuple[int, dict]:
         return self._run(

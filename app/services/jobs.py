@@ -6,9 +6,10 @@ The worker's side of the lifecycle (claim, heartbeat, publish) is in worker/leas
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import ids
@@ -160,6 +161,9 @@ def create_job(
         status="queued",
         result_files=[],
         attempt=0,
+        # Counted as sent from the commit on: the caller sends right after, and if that send is lost the
+        # reconciler sends again once this is old enough.
+        dispatched_at=time.time(),
     )
     session.add(job)
     session.flush()
@@ -262,14 +266,10 @@ def resume_job(session: Session, project: CurrentProject, job_id: str) -> Job:
         raise Conflict(
             f"Job {job.id} is still pausing; try again in a moment.", param="fine_tuning_job_id", code="job_pausing"
         )
-    job.status, job.dispatched_at = "queued", None
+    job.status, job.dispatched_at = "queued", time.time()
     add_event(session, job.id, "Fine-tuning job resumed")
     return job
 
 
 def running_jobs(session: Session, project_id: str) -> int:
     return session.scalar(select(func.count()).where(Job.project_id == project_id, Job.status == "running"))
-
-
-def mark_dispatched(session: Session, job_id: str, at: float) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=at))

@@ -67,3 +67,78 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             self._proc.kill()
         self._log.close()
+
+
+class WorkerProcess:
+    """`tuneserve worker` (the real Celery worker) as a subprocess; `kill()` is SIGKILL, as the OOM killer does."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self._env, self._log_path = env, log_path
+
+    def __enter__(self) -> WorkerProcess:
+        self._log = open(self._log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"], env=self._env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log()}")
+            if "ready." in self.log():
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"worker did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=20)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+
+class RedisServer:
+    """A Redis of the test's own on a free port, for tests that flush or stop it (never the shared one)."""
+
+    def __init__(self, work_dir: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = work_dir
+
+    def __enter__(self) -> RedisServer:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self._dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        import redis
+
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def flushall(self) -> None:
+        import redis
+
+        redis.Redis(port=self.port).flushall()
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
