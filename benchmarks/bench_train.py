@@ -1,0 +1,288 @@
+"""Training throughput and memory: the engine against what a user would otherwise run, in one run.
+
+On the same synthetic chat data (single-turn, long-tailed lengths) and the same tiny model and LoRA config:
+- useful tokens/s (supervised tokens / training wall time) of the engine vs a naive loop that pads every
+  batch to max length with the loss on all tokens, and vs TRL's SFTTrainer with packing on;
+- peak memory (RSS growth of a fresh process) of the engine vs the naive loop at the same token budget per
+  step, with a 32k vocabulary so that logits matter.
+
+Usage: .venv/bin/python benchmarks/bench_train.py [--examples 96]
+The last line is `useful_tps_ratio_vs_naive=... useful_tps_ratio_vs_trl=... peak_mem_ratio_vs_naive=...`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Spin-waiting OpenMP threads collapse under any CPU contention; every variant runs with the same setting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from app.ml.registry import TINY_DEFAULTS  # noqa: E402
+from app.ml.synthetic import varied_length_chat, write_jsonl  # noqa: E402
+from app.ml.tiny import build_tiny_model, ensure_tiny_model  # noqa: E402
+from worker.training.callbacks import TrainingCallbacks  # noqa: E402
+from worker.training.spec import resolve_spec  # noqa: E402
+
+CPU = torch.device("cpu")
+MAX_SEQ_LENGTH = 1024
+BATCH_EXAMPLES = 8  # examples per optimizer step, every variant
+SEED = 0
+
+
+def make_dataset(tokenizer, n: int, seed: int) -> list[dict]:
+    """Single-turn examples (so every variant supervises the same tokens) that fit MAX_SEQ_LENGTH."""
+    candidates = varied_length_chat(2 * n, seed=seed, max_words=90, multi_turn_share=0.0)
+    fitting = [c for c in candidates if len(render_len(c, tokenizer)) <= MAX_SEQ_LENGTH]
+    assert len(fitting) >= n, "too few examples fit; lower max_words"
+    return fitting[:n]
+
+
+def render_len(example, tokenizer):
+    from app.ml.chat import render_training_example
+
+    return render_training_example(example, tokenizer)[0]
+
+
+def spec_for(n_examples: int, **overrides):
+    hp = {
+        "n_epochs": 1,
+        "batch_size": BATCH_EXAMPLES,
+        "lora_dropout": 0.0,
+        "max_seq_length": MAX_SEQ_LENGTH,
+        "n_checkpoints": 0,
+        "warmup_ratio": 0.0,
+        **overrides,
+    }
+    return resolve_spec(hp, n_examples, TINY_DEFAULTS, seed=SEED)
+
+
+class Timer(TrainingCallbacks):
+    """Times the loop itself: from the first stop poll (model loaded, data tokenized) to the last step."""
+
+    def __init__(self):
+        self.start = self.end = None
+
+    def should_stop(self):
+        if self.start is None:
+            self.start = time.perf_counter()
+        return None
+
+    def on_progress(self, step, total_steps, eta_seconds):
+        self.end = time.perf_counter()
+
+
+def run_engine(model_dir: Path, train_file: Path, n: int, out_dir: Path, **overrides) -> float:
+    from worker.training.loop import train
+
+    timer = Timer()
+    train(spec_for(n, **overrides), train_file, None, str(model_dir), out_dir, timer)
+    return timer.end - timer.start
+
+
+def naive_batches(tokenizer, examples: list[dict], pad_id: int):
+    """Pad-to-max batches with labels on every real token: what a hand-written loop usually does."""
+    from app.ml.chat import render_training_example
+
+    batches = []
+    for i in range(0, len(examples), BATCH_EXAMPLES):
+        ids = [render_training_example(e, tokenizer)[0] for e in examples[i : i + BATCH_EXAMPLES]]
+        input_ids = torch.tensor([x + [pad_id] * (MAX_SEQ_LENGTH - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (MAX_SEQ_LENGTH - len(x)) for x in ids])
+        labels = input_ids.masked_fill(mask == 0, -100)
+        batches.append((input_ids, mask, labels))
+    return batches
+
+
+def run_naive(model_dir: Path, examples: list[dict]) -> float:
+    from transformers import AutoTokenizer
+
+    from worker.training.loop import build_lora_model, load_base_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    spec = spec_for(len(examples))
+    model = build_lora_model(load_base_model(str(model_dir), CPU, torch.float32), spec)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate)
+    batches = naive_batches(tokenizer, examples, tokenizer.pad_token_id)
+    start = time.perf_counter()
+    for input_ids, mask, labels in batches:
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def run_trl(model_dir: Path, examples: list[dict], out_dir: Path) -> float:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    spec = spec_for(len(examples))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa")
+    # Prompt/completion form: TRL then puts the loss on the completion only, the same tokens as the engine.
+    rows = [{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in examples]
+    # Rows per step chosen so a step holds about the same tokens as the engine's 8 examples.
+    mean_len = sum(len(render_len(e, tokenizer)) for e in examples) / len(examples)
+    rows_per_step = max(1, round(BATCH_EXAMPLES * mean_len / MAX_SEQ_LENGTH))
+    config = SFTConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=rows_per_step,
+        num_train_epochs=1,
+        learning_rate=spec.learning_rate,
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        packing=True,
+        max_length=MAX_SEQ_LENGTH,
+        seed=SEED,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+
+    class TrainTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.end = time.perf_counter()
+
+    timer = TrainTimer()
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[timer],
+    )
+    trainer.train()
+    return timer.end - timer.start
+
+
+def useful_tokens(tokenizer, examples: list[dict]) -> int:
+    from worker.training.data import tokenize_examples
+
+    return tokenize_examples(examples, tokenizer, MAX_SEQ_LENGTH).n_supervised
+
+
+def memory_child(variant: str, model_dir: Path, data_file: Path) -> None:
+    """Run a few steps of one variant in this fresh process; print its peak RSS growth in MiB."""
+    import psutil
+
+    examples = [json.loads(line) for line in data_file.read_text().splitlines()]
+    baseline = psutil.Process().memory_info().rss
+    with tempfile.TemporaryDirectory() as tmp:
+        if variant == "engine":
+            # Same token budget as the naive loop: rows of MAX_SEQ_LENGTH, BATCH_EXAMPLES rows per forward.
+            run_engine(
+                model_dir,
+                data_file,
+                len(examples),
+                Path(tmp),
+                batch_size=len(examples),
+                micro_batch_tokens=BATCH_EXAMPLES * MAX_SEQ_LENGTH,
+            )
+        else:
+            run_naive(model_dir, examples)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_growth_mib": (peak - baseline) / 2**20}))
+
+
+def measure_memory(variant: str, model_dir: Path, data_file: Path) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", variant, str(model_dir), str(data_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--memory-child", nargs=3, metavar=("VARIANT", "MODEL_DIR", "DATA"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.memory_child:
+        variant, model_dir, data = args.memory_child
+        memory_child(variant, Path(model_dir), Path(data))
+        return
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = ensure_tiny_model(tmp / "data")
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        examples = make_dataset(tokenizer, args.examples, seed=SEED)
+        train_file = tmp / "train.jsonl"
+        write_jsonl(train_file, examples)
+        useful = useful_tokens(tokenizer, examples)
+        lengths = [len(render_len(e, tokenizer)) for e in examples]
+        print(
+            f"data: {len(examples)} examples, {sum(lengths)} tokens (min {min(lengths)}, "
+            f"max {max(lengths)}, mean {sum(lengths) / len(lengths):.0f}), {useful} supervised; "
+            f"max_seq_length {MAX_SEQ_LENGTH}, {BATCH_EXAMPLES} examples per step, torch threads "
+            f"{torch.get_num_threads()}"
+        )
+
+        timings = {
+            "engine (packed, head on supervised)": run_engine(model_dir, train_file, len(examples), tmp / "e"),
+            "engine, packing off (padded to longest)": run_engine(
+                model_dir, train_file, len(examples), tmp / "p", packing=False
+            ),
+            "naive (pad to max, loss on all)": run_naive(model_dir, examples),
+            "trl SFTTrainer (packing)": run_trl(model_dir, examples, tmp / "trl"),
+        }
+        for name, seconds in timings.items():
+            print(f"{name:42s} {seconds:7.2f} s  {useful / seconds:8.0f} useful tokens/s")
+        engine, naive, trl = (timings[k] for k in list(timings)[:1] + list(timings)[2:])
+
+        big = tmp / "tiny-32k"
+        build_tiny_model(big, vocab_size=32_000)
+        mem_file = tmp / "mem.jsonl"
+        write_jsonl(mem_file, examples[: 3 * BATCH_EXAMPLES])
+        mem_engine = measure_memory("engine", big, mem_file)
+        mem_naive = measure_memory("naive", big, mem_file)
+        print(
+            f"peak memory growth, 32k vocab, {BATCH_EXAMPLES}x{MAX_SEQ_LENGTH} tokens per forward: "
+            f"engine {mem_engine:.0f} MiB, naive {mem_naive:.0f} MiB"
+        )
+        print(
+            f"useful_tps_ratio_vs_naive={naive / engine:.2f} useful_tps_ratio_vs_trl={trl / engine:.2f} "
+            f"peak_mem_ratio_vs_naive={mem_engine / mem_naive:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
