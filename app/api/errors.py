@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import InvalidRequest, NotFound, TuneserveError
@@ -49,6 +50,14 @@ def install_error_handlers(app: FastAPI) -> None:
             error.status = exc.status_code
             error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(error)
+
+    @app.exception_handler(DataError)
+    async def _unrepresentable(_request: Request, exc: DataError):
+        # The database refused a value from the request (Postgres text cannot hold a NUL byte, say): the
+        # request is at fault, and nothing was changed.
+        return error_response(
+            InvalidRequest("A value in the request cannot be stored or searched for.", code="invalid_value")
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -69,9 +69,7 @@ def test_unknown_route_and_method(client):
 
 
 def test_validation_errors_are_400_with_param(client):
-    assert_envelope(
-        client.get("/v1/files", params={"limit": "many"}), 400, param="limit", code="invalid_value"
-    )
+    assert_envelope(client.get("/v1/files", params={"limit": "many"}), 400, param="limit", code="invalid_value")
 
 
 def test_unexpected_exception_is_500_without_details(settings, caplog):
@@ -100,3 +98,10 @@ def test_readyz_is_503_when_the_database_is_unreachable(tmp_path):
         error = assert_envelope(c.get("/readyz"), 503, code="database_unavailable")
         assert c.get("/healthz").status_code == 200
     assert "database unreachable" in error["message"]
+
+
+def test_values_the_database_cannot_hold_are_400_not_500(client):
+    for path in ("/v1/files?after=%00", "/v1/files/file-%00", "/v1/fine_tuning/jobs/ftjob-%00x"):
+        r = client.get(path)
+        assert r.status_code in (400, 404), (path, r.text)
+        assert_envelope(r, r.status_code)
