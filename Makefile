@@ -30,6 +30,7 @@ lint: install
 
 bench: install
 	$(BIN)/python -m pip install -q -e '.[bench]'
+	@command -v wrk >/dev/null || apt-get install -y -q wrk  # the load generator bench_jobs drives the API with
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
