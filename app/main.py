@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
-from app.api.routes import files, fine_tuning, health
+from app.api.routes import files, fine_tuning, health, models
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.dispatch import JobDispatcher
@@ -44,4 +44,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
+    app.include_router(models.router)
     return app
