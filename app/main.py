@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.storage = LocalStorage(settings.storage_dir)
         app.state.registry = BaseModelRegistry(settings)
         app.state.dispatcher = JobDispatcher(settings)
+        app.state.inference = None
         # Re-drive what the broker may have lost while nothing was running; off the start-up path.
         threading.Thread(
             target=reconcile, args=(app.state.sessionmaker, app.state.dispatcher, settings), daemon=True

@@ -16,9 +16,7 @@ def upload(client, body: bytes, purpose: str | None = "fine-tune", filename: str
 def stored_nothing(settings, sessionmaker) -> bool:
     with sessionmaker() as session:
         rows = session.scalar(select(func.count()).select_from(File))
-    blobs = (
-        list((settings.storage_dir / "files").glob("*")) if (settings.storage_dir / "files").exists() else []
-    )
+    blobs = list((settings.storage_dir / "files").glob("*")) if (settings.storage_dir / "files").exists() else []
     temps = list((settings.storage_dir / ".tmp").glob("*"))
     return rows == 0 and not blobs and not temps
 
@@ -137,9 +135,7 @@ def test_non_utf8_filename_is_harmless(client):
         + valid_chat_file()
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    r = client.post(
-        "/v1/files", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
+    r = client.post("/v1/files", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 200, r.text
     assert r.json()["filename"].startswith("caf")
 
@@ -220,9 +216,7 @@ def test_upload_cap_chunked_without_content_length(client, settings, sessionmake
             yield chunk
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    r = client.post(
-        "/v1/files", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
+    r = client.post("/v1/files", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 413, r.text
     assert stored_nothing(settings, sessionmaker)
 
@@ -236,9 +230,7 @@ def test_file_exactly_at_cap_is_accepted(client, settings):
     r = upload(client, body)
     assert r.status_code == 400  # mixed formats: the cap let it through to validation
     assert "mixed_formats" in r.json()["error"]["message"]
-    body = (
-        head + b'{"messages": [{"role": "user", "content": "%s"}, {"role": "assistant", "content": "a"}]}\n'
-    )
+    body = head + b'{"messages": [{"role": "user", "content": "%s"}, {"role": "assistant", "content": "a"}]}\n'
     body = body.replace(b"%s", b"p" * (settings.max_upload_bytes - len(body) + 2))
     assert len(body) == settings.max_upload_bytes
     r = upload(client, body)

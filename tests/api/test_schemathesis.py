@@ -40,9 +40,7 @@ def test_api_conforms_to_its_schema(api_schema, auth_headers, mode):
     for operation in operations:
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @hypothesis_settings(
-            max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None
-        )
+        @hypothesis_settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
             case.call_and_validate(headers=auth_headers, excluded_checks=EXCLUDED_CHECKS)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
 from sqlalchemy import text
 
 from app.api.deps import SessionDep
 from app.errors import ServiceUnavailable
 from app.schemas.errors import ERROR_RESPONSES
+from app.services import metrics as metrics_service
 
 router = APIRouter(tags=["health"])
 
@@ -24,3 +26,13 @@ def readyz(session: SessionDep) -> dict:
     except Exception as exc:
         raise ServiceUnavailable(f"database unreachable: {type(exc).__name__}", code="database_unavailable") from None
     return {"status": "ok", "database": "ok"}
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(request: Request, session: SessionDep) -> PlainTextResponse:
+    """Prometheus exposition: requests, tokens, batch sizes, adapter cache, queue depth, jobs by status."""
+    engine = request.app.state.inference
+    return PlainTextResponse(
+        metrics_service.render(session, engine.metrics() if engine else None),
+        media_type="text/plain; version=0.0.4",
+    )

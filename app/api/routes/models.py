@@ -52,7 +52,7 @@ def delete_model(
     model: str, request: Request, project: ProjectDep, session: SessionDep, storage: StorageDep, registry: RegistryDep
 ) -> ModelDeleted:
     deleted = models.delete_model(session, storage, registry, project, model)
-    engine = getattr(request.app.state, "inference", None)
+    engine = request.app.state.inference
     if engine is not None:
         engine.evict(deleted)  # later requests for it are 404; its memory goes back now
     return ModelDeleted(id=deleted)
