@@ -1,0 +1,7 @@
+"""Serving: base models, a LoRA adapter cache and a batching scheduler that mixes adapters in one batch."""
+
+from app.inference.engine import InferenceEngine
+from app.inference.handle import GenerationHandle
+from app.inference.types import AdapterRef, Finished, GenerationRequest, TextDelta
+
+__all__ = ["AdapterRef", "Finished", "GenerationHandle", "GenerationRequest", "InferenceEngine", "TextDelta"]

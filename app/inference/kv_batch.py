@@ -1,0 +1,69 @@
+"""The KV cache of the running rows, left-padded so rows of different lengths decode in one forward.
+
+Each new request is prefilled alone (no padding, so its prompt is computed exactly as it would be alone) and its
+cache is then joined to the batch: the shorter side gets zero keys/values on the left, masked out by the attention
+mask. Every row passes its own `position_ids`, so padding never shifts a position. Rows that finish are dropped
+with `index_select`, and columns that became padding for every row are cut, so the cache tracks the longest live
+row rather than the longest row ever seen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    if width == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = width
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class KVBatch:
+    def __init__(self) -> None:
+        self.cache = None  # a transformers DynamicCache whose layers hold [rows, heads, T, dim] tensors
+        self.mask: torch.Tensor | None = None  # [rows, T], 1 where a real token is
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def add(self, row_cache) -> None:
+        """Append one prefilled row (a cache with batch size 1)."""
+        length = row_cache.get_seq_length()
+        first = row_cache.layers[0].keys
+        row_mask = torch.ones(1, length, dtype=torch.long, device=first.device)
+        if self.cache is None:
+            self.cache, self.mask = row_cache, row_mask
+            return
+        width = self.mask.shape[1]
+        total = max(width, length)
+        for mine, theirs in zip(self.cache.layers, row_cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, total - width, 2), _left_pad(theirs.keys, total - length, 2)])
+            mine.values = torch.cat(
+                [_left_pad(mine.values, total - width, 2), _left_pad(theirs.values, total - length, 2)]
+            )
+        self.mask = torch.cat([_left_pad(self.mask, total - width, 1), _left_pad(row_mask, total - length, 1)])
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the rows at `indices` (in that order)."""
+        if not indices:
+            self.cache = self.mask = None
+            return
+        if indices == list(range(self.rows)):
+            return
+        index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int(torch.nonzero(mask.sum(0))[0])  # first column some row still uses
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def decode(self, runtime, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step for every row: tokens and positions are [rows, 1]; returns float32 logits [rows, vocab]."""
+        mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        out = runtime.forward(self.cache, input_ids=tokens, attention_mask=mask, position_ids=positions)
+        self.mask = mask
+        return out.logits[:, -1, :].float()

@@ -1,0 +1,204 @@
+"""The batching scheduler of one base model: one thread that owns the model, its LoRA tables and the KV batch.
+
+Policies (how waiting requests enter the batch):
+- "continuous" (default): between any two decode steps, waiting requests fill free rows of the batch; a finished
+  or cancelled row frees its place at once. Requests of any adapter mix in one batch.
+- "static": a batch is admitted only when the previous one has fully finished (batching per `generate` call).
+- "per_adapter": static batches of one adapter at a time (the classic PEFT server that switches adapters between
+  batches); kept to measure the others against.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+import torch
+
+from app.errors import ServiceUnavailable
+from app.inference.adapter_cache import AdapterCache
+from app.inference.kv_batch import KVBatch
+from app.inference.metrics import EngineMetrics
+from app.inference.runtime import BaseModelRuntime
+from app.inference.sampling import sample_token
+from app.inference.sequence import PendingRequest, Sequence
+
+log = logging.getLogger(__name__)
+POLICIES = ("continuous", "static", "per_adapter")
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        runtime: BaseModelRuntime,
+        cache: AdapterCache,
+        metrics: EngineMetrics,
+        *,
+        max_batch_size: int,
+        policy: str = "continuous",
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r}; one of {POLICIES}")
+        self._runtime = runtime
+        self._cache = cache
+        self._metrics = metrics
+        self._max_batch_size = max_batch_size
+        self._policy = policy
+        self._cond = threading.Condition()
+        self._waiting: deque[PendingRequest] = deque()
+        self._rows: list[Sequence] = []
+        self._kv = KVBatch()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"inference-{runtime.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+        error = ServiceUnavailable("The inference engine is shutting down", code="engine_stopped")
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for pending in waiting:
+            self._fail(pending, error)
+        for row in self._rows:
+            self._fail(row.pending, error)
+        self._rows = []
+
+    def enqueue(self, pending: PendingRequest) -> None:
+        """Thread-safe: hand a ready request to the scheduler thread."""
+        with self._cond:
+            if self._stopping:
+                self._fail(pending, ServiceUnavailable("The inference engine is shutting down", code="engine_stopped"))
+                return
+            self._waiting.append(pending)
+            self._metrics.add("queue_depth", 1)
+            self._cond.notify()
+
+    # scheduler thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._rows:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                admitted = self._admissions()
+                self._metrics.add("queue_depth", -len(admitted))
+            try:
+                with torch.inference_mode():
+                    for pending in admitted:
+                        self._prefill(pending)
+                    self._drop_cancelled()
+                    if self._rows:
+                        self._decode_step()
+            except Exception:  # a failed forward must not kill the thread that serves everyone else
+                log.exception("generation step failed; failing the running batch")
+                error = ServiceUnavailable("Generation failed on the server", code="generation_failed")
+                for row in self._rows:
+                    self._fail(row.pending, error)
+                self._rows, self._kv = [], KVBatch()
+            self._metrics.set("running_requests", len(self._rows))
+
+    def _admissions(self) -> list[PendingRequest]:
+        free = self._max_batch_size - len(self._rows)
+        if self._policy != "continuous" and self._rows:
+            return []
+        if self._policy == "per_adapter" and self._waiting:
+            key = self._waiting[0].slot
+            chosen = [p for p in self._waiting if p.slot == key][:free]
+            for pending in chosen:
+                self._waiting.remove(pending)
+            return chosen
+        return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+
+    def _prefill(self, pending: PendingRequest) -> None:
+        if pending.handle.cancelled:
+            self._done(Sequence(pending, self._runtime.tokenizer, [], self._runtime.device), cancelled=True)
+            return
+        runtime = self._runtime
+        entry = pending.entry
+        if entry is not None and not entry.installed:
+            runtime.lora.install(entry.slot, entry.rank, entry.weights.modules)
+            entry.installed, entry.weights = True, None
+        row = Sequence(pending, runtime.tokenizer, runtime.stop_ids, runtime.device)
+        prompt = pending.request.prompt_ids
+        runtime.lora.use([row.slot])
+        cache = runtime.new_cache()
+        ids = torch.tensor([prompt], dtype=torch.long, device=runtime.device)
+        positions = torch.arange(len(prompt), device=runtime.device).unsqueeze(0)
+        out = runtime.forward(cache, input_ids=ids, position_ids=positions, logits_to_keep=1)
+        self._metrics.add("prefills_total")
+        self._metrics.add("prompt_tokens_total", len(prompt))
+        logits = out.logits[:, -1, :].float()
+        self._accept([row], logits)
+        if row.finish_reason is None:
+            self._kv.add(cache)
+            self._rows.append(row)
+        else:
+            self._done(row)
+
+    def _decode_step(self) -> None:
+        runtime = self._runtime
+        rows = self._rows
+        runtime.lora.use([row.slot for row in rows])
+        tokens = torch.tensor([[row.last_token] for row in rows], dtype=torch.long, device=runtime.device)
+        positions = torch.tensor([[row.position] for row in rows], dtype=torch.long, device=runtime.device)
+        logits = self._kv.decode(runtime, tokens, positions)
+        self._metrics.observe_batch(len(rows))
+        for row in rows:
+            row.position += 1
+        self._accept(rows, logits)
+        keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
+        for row in rows:
+            if row.finish_reason is not None:
+                self._done(row)
+        self._rows = [rows[i] for i in keep]
+        self._kv.keep(keep)
+
+    def _accept(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per row from logits [rows, vocab] and hand it to the row."""
+        suppress = [i for i, row in enumerate(rows) if row.suppress_stop_ids]
+        if suppress:
+            index = torch.tensor(suppress, device=logits.device)
+            logits[index.unsqueeze(1), self._runtime.stop_ids_tensor.unsqueeze(0)] = float("-inf")
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        self._metrics.add("generated_tokens_total", len(rows))
+        for i, row in enumerate(rows):
+            request = row.request
+            if request.temperature <= 0:
+                token = greedy[i]
+            else:
+                token = sample_token(logits[i], request.temperature, request.top_p, row.generator)
+            row.accept(token)
+
+    def _drop_cancelled(self) -> None:
+        cancelled = [i for i, row in enumerate(self._rows) if row.handle.cancelled]
+        if not cancelled:
+            return
+        for i in cancelled:
+            self._done(self._rows[i], cancelled=True)
+        keep = [i for i in range(len(self._rows)) if i not in set(cancelled)]
+        self._rows = [self._rows[i] for i in keep]
+        self._kv.keep(keep)
+
+    def _done(self, row: Sequence, cancelled: bool = False) -> None:
+        if cancelled:
+            row.cancel()
+            self._metrics.add("requests_cancelled_total")
+        else:
+            self._metrics.add(f"requests_finished_{row.finish_reason}_total")
+        if row.pending.entry is not None:
+            self._cache.release(row.pending.entry)
+
+    def _fail(self, pending: PendingRequest, error: Exception) -> None:
+        self._metrics.add("requests_failed_total")
+        pending.handle.push(error)
+        if pending.entry is not None:
+            self._cache.release(pending.entry)

@@ -1,0 +1,81 @@
+"""The per-request state a running row carries between decode steps, and how a sampled token is accepted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from app.inference.adapter_cache import AdapterEntry
+from app.inference.handle import GenerationHandle
+from app.inference.sampling import make_generator
+from app.inference.text_stream import IncrementalDetokenizer, StopStringFilter
+from app.inference.types import Finished, GenerationRequest, TextDelta
+
+
+@dataclass
+class PendingRequest:
+    """A request whose base model and adapter are ready, waiting for a batch slot."""
+
+    request: GenerationRequest
+    handle: GenerationHandle
+    entry: AdapterEntry | None  # pinned cache entry, None for the base model
+
+    @property
+    def slot(self) -> int:
+        return 0 if self.entry is None else self.entry.slot
+
+
+class Sequence:
+    """A request in the running batch."""
+
+    def __init__(self, pending: PendingRequest, tokenizer, stop_ids: list[int], device: torch.device) -> None:
+        request = pending.request
+        self.pending = pending
+        self.request = request
+        self.handle = pending.handle
+        self.slot = pending.slot
+        self.position = len(request.prompt_ids)  # tokens in the KV cache = position of the next input token
+        self.completion_tokens = 0
+        self.last_token: int | None = None
+        self.finish_reason: str | None = None
+        self.generator = make_generator(request.seed, device)
+        self._stop_ids = set(stop_ids)
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._stop_filter = StopStringFilter(request.stop)
+
+    @property
+    def suppress_stop_ids(self) -> bool:
+        return self.completion_tokens < self.request.min_tokens
+
+    def accept(self, token: int) -> None:
+        """Record a sampled token: emit text, or finish on end-of-turn, a stop string or max_tokens."""
+        self.completion_tokens += 1
+        if token in self._stop_ids:
+            self._finish("stop")
+            return
+        text = self._stop_filter.feed(self._detokenizer.add(token))
+        if text:
+            self.handle.push(TextDelta(text))
+        if self._stop_filter.stopped:
+            self._finish("stop")
+        elif self.completion_tokens >= self.request.max_tokens:
+            self._finish("length")
+        else:
+            self.last_token = token
+
+    def cancel(self) -> None:
+        self.finish_reason = "cancelled"
+        self.handle.push(Finished("cancelled", len(self.request.prompt_ids), self.completion_tokens))
+
+    def _finish(self, reason: str) -> None:
+        if not self._stop_filter.stopped:
+            tail = self._stop_filter.feed(self._detokenizer.flush())
+            if self._stop_filter.stopped:
+                reason = "stop"
+            else:
+                tail += self._stop_filter.finish()
+            if tail:
+                self.handle.push(TextDelta(tail))
+        self.finish_reason = reason
+        self.handle.push(Finished(reason, len(self.request.prompt_ids), self.completion_tokens))

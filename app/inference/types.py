@@ -1,0 +1,58 @@
+"""The objects the API layer exchanges with the inference engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A fine-tuned model the API has resolved from the database and authorised for the caller's project.
+
+    `name` is the model id (the cache key); `path` the local directory holding `adapter_config.json` and
+    `adapter_model.safetensors`.
+    """
+
+    name: str
+    path: Path
+
+
+@dataclass
+class GenerationRequest:
+    """One completion to generate: already rendered prompt ids plus sampling parameters.
+
+    `temperature` 0 means greedy. `seed` makes sampling reproducible (a per-request generator). `stop` strings
+    end the text before the first occurrence. `min_tokens` refuses end-of-turn before that many tokens; the
+    benchmark uses it to force fixed-length outputs.
+    """
+
+    base_model: str
+    adapter: AdapterRef | None
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    min_tokens: int = 0
+
+
+@dataclass
+class TextDelta:
+    """New text of a completion; always whole characters (never a split UTF-8 sequence)."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    """The last event of a completion.
+
+    `finish_reason`: "stop" (end-of-turn token or a stop string), "length" (max_tokens reached) or "cancelled"
+    (the handle was cancelled). `completion_tokens` counts every generated token, end-of-turn included.
+    """
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
