@@ -34,8 +34,6 @@ class TrainingDefaults:
     max_grad_norm: float = 1.0
     auto_min_target_examples: int = 100
     auto_max_batch_size: int = 32
-    # Tokens one forward pass may hold (rows x row length); bounds activation memory.
-    micro_batch_tokens: int = 16384
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from app.ml.synthetic import varied_length_chat
+from worker.training.attention import SEGMENT_ATTENTION
 from worker.training.data import tokenize_examples
 from worker.training.loop import accumulate_gradients, build_lora_model, load_base_model
 from worker.training.loss import loss_sums
@@ -28,10 +29,9 @@ def examples(tokenizer):
     return data.examples
 
 
-@pytest.fixture(scope="module")
-def model(tiny):
+def lora_model(tiny, attn_implementation: str):
     spec = resolve_spec({"lora_dropout": 0.0}, 8, tiny.defaults, seed=0)
-    model = build_lora_model(load_base_model(tiny.name_or_path, CPU, torch.float32), spec)
+    model = build_lora_model(load_base_model(tiny.name_or_path, CPU, torch.float32, attn_implementation), spec)
     # LoRA B starts at zero, which would make every LoRA A gradient zero; give the adapter real weights.
     with torch.no_grad():
         generator = torch.Generator().manual_seed(0)
@@ -40,6 +40,18 @@ def model(tiny):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     model.train()
     return model
+
+
+@pytest.fixture(scope="module", params=[SEGMENT_ATTENTION, "sdpa"])
+def model(tiny, request):
+    """Both attention paths: per-example segments (the CPU default) and transformers' SDPA with the
+    block-diagonal mask it derives from restarting position ids (the CUDA default)."""
+    return lora_model(tiny, request.param)
+
+
+@pytest.fixture(scope="module")
+def sdpa_model(tiny):
+    return lora_model(tiny, "sdpa")
 
 
 def assert_grads_close(actual: dict, expected: dict, rtol: float = 1e-4) -> None:
@@ -101,7 +113,7 @@ def test_packed_equals_padded_loss_count_and_lora_gradients(model, examples):
 
 
 @pytest.mark.parametrize("mistake", ["2d_attention_mask", "use_cache", "positions_not_restarted"])
-def test_each_known_packing_mistake_is_detected(model, examples, mistake):
+def test_each_known_packing_mistake_is_detected(sdpa_model, examples, mistake):
     padded = collate_padded(examples, pad_id=0)
     packed = step_micro_batches(examples, packing=True, max_seq_length=1024, pad_id=0)[0]
     kwargs = {
@@ -112,9 +124,20 @@ def test_each_known_packing_mistake_is_detected(model, examples, mistake):
         },
     }[mistake]
     with torch.no_grad():
-        reference, _ = loss_sums(model, padded)
-        wrong, _ = loss_sums(model, packed, **kwargs)
+        reference, _ = loss_sums(sdpa_model, padded)
+        wrong, _ = loss_sums(sdpa_model, packed, **kwargs)
     # The same tolerance as the equality check above fails: examples attended to their neighbours.
+    assert not torch.allclose(wrong, reference, rtol=1e-5, atol=0)
+
+
+def test_segment_attention_with_one_segment_per_row_is_detected(tiny, examples):
+    model = lora_model(tiny, SEGMENT_ATTENTION)
+    padded = collate_padded(examples, pad_id=0)
+    packed = step_micro_batches(examples, packing=True, max_seq_length=1024, pad_id=0)[0]
+    whole_rows = [[0, packed.input_ids.shape[1]] for _ in range(packed.input_ids.shape[0])]
+    with torch.no_grad():
+        reference, _ = loss_sums(model, padded)
+        wrong, _ = loss_sums(model, packed, segments=whole_rows)
     assert not torch.allclose(wrong, reference, rtol=1e-5, atol=0)
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from app.ml.chat import IGNORE_INDEX
+from worker.training.attention import SEGMENT_ATTENTION
 from worker.training.packing import MicroBatch
 
 # Logits elements per chunk (2^24 fp32 = 64 MiB): small datasets with small vocabularies use one chunk.
@@ -38,21 +39,27 @@ def loss_sums(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     use_cache: bool = False,
+    segments: list[list[int]] | None = None,
     chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, number of correct argmax predictions) over the batch's supervised targets.
 
     `attention_mask`, `position_ids` and `use_cache` default to the batch's own (packed: no mask, restarting
-    positions, no cache); the overrides exist so tests can reproduce the known packing mistakes.
+    positions, no cache, and with the segment attention implementation the batch's segments); the overrides
+    exist so tests can reproduce the known packing mistakes.
     """
     causal_lm = unwrap_causal_lm(model)
     decoder = causal_lm.base_model  # e.g. LlamaModel: the transformer without the LM head
     lm_head = causal_lm.get_output_embeddings()
+    extra = {}
+    if decoder.config._attn_implementation == SEGMENT_ATTENTION:
+        extra["segments"] = batch.segments if segments is None else segments
     outputs = decoder(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask if attention_mask is None else attention_mask,
         position_ids=batch.position_ids if position_ids is None else position_ids,
         use_cache=use_cache,
+        **extra,
     )
     selected = batch.targets != IGNORE_INDEX
     hidden = outputs.last_hidden_state[selected]

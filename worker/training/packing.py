@@ -27,6 +27,9 @@ class MicroBatch:
     attention_mask: torch.Tensor | None  # only for padded (unpacked) batches
     n_tokens: int  # real tokens, padding excluded
     n_supervised: int
+    # Per row, the boundaries (0, end_1, ..., width) of its examples (and of its padding tail), for
+    # worker.training.attention's per-example attention.
+    segments: list[list[int]]
 
     def to(self, device) -> MicroBatch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
@@ -37,6 +40,7 @@ class MicroBatch:
             mask,
             self.n_tokens,
             self.n_supervised,
+            self.segments,
         )
 
 
@@ -71,21 +75,23 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def collate_packed(rows: list[list[TokenizedExample]], pad_id: int) -> MicroBatch:
     width = max(sum(len(e) for e in row) for row in rows)
-    ids, pos, tgt = [], [], []
+    ids, pos, tgt, segments = [], [], [], []
     n_tokens = n_sup = 0
     for row in rows:
-        r_ids, r_pos, r_tgt = [], [], []
+        r_ids, r_pos, r_tgt, bounds = [], [], [], [0]
         for e in row:
             r_ids += e.input_ids
             r_pos += range(len(e))
             r_tgt += e.targets
             n_sup += e.n_supervised
+            bounds.append(len(r_ids))
         n_tokens += len(r_ids)
         pad = width - len(r_ids)
         ids.append(r_ids + [pad_id] * pad)
         pos.append(r_pos + list(range(pad)))
         tgt.append(r_tgt + [IGNORE_INDEX] * pad)
-    return MicroBatch(torch.tensor(ids), torch.tensor(pos), torch.tensor(tgt), None, n_tokens, n_sup)
+        segments.append(bounds + [width] if pad else bounds)
+    return MicroBatch(torch.tensor(ids), torch.tensor(pos), torch.tensor(tgt), None, n_tokens, n_sup, segments)
 
 
 def collate_padded(examples: list[TokenizedExample], pad_id: int, pad_to: int | None = None) -> MicroBatch:
@@ -105,6 +111,7 @@ def collate_padded(examples: list[TokenizedExample], pad_id: int, pad_to: int | 
         torch.tensor(mask),
         sum(len(e) for e in examples),
         sum(e.n_supervised for e in examples),
+        [[0, len(e), width] if len(e) < width else [0, width] for e in examples],
     )
 
 

@@ -31,8 +31,9 @@ _ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 class TrainingSpec:
     """Every number the loop needs, resolved. `batch_size` is examples per optimizer step; the step's
     examples are processed in micro-batches (`micro_batch_size` rows when packing, examples when padded;
-    None = as many as fit in `micro_batch_tokens`) with gradients accumulated and normalised by the step's
-    supervised-token count, so the micro-batching never changes the result beyond float rounding."""
+    None = as many as fit in `micro_batch_tokens`; its None is a device default, see loop.py), with gradients
+    accumulated and normalised by the step's supervised-token count, so the micro-batching never changes the
+    result beyond float rounding."""
 
     n_epochs: int
     batch_size: int
@@ -55,7 +56,7 @@ class TrainingSpec:
     packing: bool = True
     long_example_policy: str = "drop"
     micro_batch_size: int | None = None
-    micro_batch_tokens: int = 16384
+    micro_batch_tokens: int | None = None
     auto: list[str] = field(default_factory=list)  # which of the OpenAI three were "auto"
 
     def to_dict(self) -> dict:
@@ -192,6 +193,10 @@ def resolve_spec(hyperparameters: dict | None, n_train_examples: int, defaults=N
         packing=_flag(hp, "packing", True),
         long_example_policy=_choice(hp, "long_example_policy", "drop", LONG_EXAMPLE_POLICIES),
         micro_batch_size=micro,
-        micro_batch_tokens=_number(hp, "micro_batch_tokens", d["micro_batch_tokens"], kind=int, lo=16, hi=10**8),
+        micro_batch_tokens=(
+            None
+            if hp.get("micro_batch_tokens") is None
+            else _number(hp, "micro_batch_tokens", None, kind=int, lo=16, hi=10**8)
+        ),
         auto=auto,
     )
