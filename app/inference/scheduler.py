@@ -68,6 +68,7 @@ class BatchScheduler:
             self._fail(pending, error)
         for row in self._rows:
             self._fail(row.pending, error)
+        self._metrics.add("running_requests", -len(self._rows))
         self._rows = []
 
     def enqueue(self, pending: PendingRequest) -> None:
@@ -91,20 +92,26 @@ class BatchScheduler:
                     return
                 admitted = self._admissions()
                 self._metrics.add("queue_depth", -len(admitted))
-            try:
-                with torch.inference_mode():
-                    for pending in admitted:
+            with torch.inference_mode():
+                for pending in admitted:
+                    try:
                         self._prefill(pending)
+                    except Exception:  # one bad request must not take down the thread that serves everyone
+                        log.exception("prefill failed")
+                        self._fail(
+                            pending, ServiceUnavailable("Generation failed on the server", code="generation_failed")
+                        )
+                try:
                     self._drop_cancelled()
                     if self._rows:
                         self._decode_step()
-            except Exception:  # a failed forward must not kill the thread that serves everyone else
-                log.exception("generation step failed; failing the running batch")
-                error = ServiceUnavailable("Generation failed on the server", code="generation_failed")
-                for row in self._rows:
-                    self._fail(row.pending, error)
-                self._rows, self._kv = [], KVBatch()
-            self._metrics.set("running_requests", len(self._rows))
+                except Exception:
+                    log.exception("decode step failed; failing the running batch")
+                    error = ServiceUnavailable("Generation failed on the server", code="generation_failed")
+                    for row in self._rows:
+                        self._fail(row.pending, error)
+                    self._metrics.add("running_requests", -len(self._rows))
+                    self._rows, self._kv = [], KVBatch()
 
     def _admissions(self) -> list[PendingRequest]:
         free = self._max_batch_size - len(self._rows)
@@ -141,6 +148,7 @@ class BatchScheduler:
         if row.finish_reason is None:
             self._kv.add(cache)
             self._rows.append(row)
+            self._metrics.add("running_requests", 1)
         else:
             self._done(row)
 
@@ -158,7 +166,7 @@ class BatchScheduler:
         keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
         for row in rows:
             if row.finish_reason is not None:
-                self._done(row)
+                self._done(row, was_running=True)
         self._rows = [rows[i] for i in keep]
         self._kv.keep(keep)
 
@@ -183,22 +191,26 @@ class BatchScheduler:
         if not cancelled:
             return
         for i in cancelled:
-            self._done(self._rows[i], cancelled=True)
+            self._done(self._rows[i], cancelled=True, was_running=True)
         keep = [i for i in range(len(self._rows)) if i not in set(cancelled)]
         self._rows = [self._rows[i] for i in keep]
         self._kv.keep(keep)
 
-    def _done(self, row: Sequence, cancelled: bool = False) -> None:
+    def _done(self, row: Sequence, cancelled: bool = False, was_running: bool = False) -> None:
+        # Bookkeeping first, Finished last: whoever sees Finished also sees the metrics and the unpinned adapter.
         if cancelled:
             row.cancel()
             self._metrics.add("requests_cancelled_total")
         else:
             self._metrics.add(f"requests_finished_{row.finish_reason}_total")
+        if was_running:
+            self._metrics.add("running_requests", -1)
         if row.pending.entry is not None:
             self._cache.release(row.pending.entry)
+        row.handle.push(row.finished_event())
 
     def _fail(self, pending: PendingRequest, error: Exception) -> None:
         self._metrics.add("requests_failed_total")
-        pending.handle.push(error)
         if pending.entry is not None:
             self._cache.release(pending.entry)
+        pending.handle.push(error)

@@ -66,7 +66,9 @@ class Sequence:
 
     def cancel(self) -> None:
         self.finish_reason = "cancelled"
-        self.handle.push(Finished("cancelled", len(self.request.prompt_ids), self.completion_tokens))
+
+    def finished_event(self) -> Finished:
+        return Finished(self.finish_reason, len(self.request.prompt_ids), self.completion_tokens)
 
     def _finish(self, reason: str) -> None:
         if not self._stop_filter.stopped:
@@ -77,5 +79,5 @@ class Sequence:
                 tail += self._stop_filter.finish()
             if tail:
                 self.handle.push(TextDelta(tail))
+        # The scheduler sends Finished once its bookkeeping is done (see BatchScheduler._done).
         self.finish_reason = reason
-        self.handle.push(Finished(reason, len(self.request.prompt_ids), self.completion_tokens))
