@@ -27,7 +27,8 @@ class InferenceEngine:
 
     `max_batch_size` bounds the rows decoded together; `max_adapters` and `max_adapter_bytes` bound the resident
     adapters (LRU); `max_lora_rank` refuses larger adapters; `scheduling` is "continuous" (default), "static" or
-    "per_adapter" (see `app.inference.scheduler`); `loader_threads` read base models and adapters off the event
+    "per_adapter" (see `app.inference.scheduler`); `max_prefill_tokens` bounds one padded prefill (rows x longest
+    prompt); `loader_threads` read base models and adapters off the event
     loop; `device`/`dtype` override the automatic choice (CUDA bf16 if present, else CPU float32).
     """
 
@@ -40,6 +41,7 @@ class InferenceEngine:
         max_adapter_bytes: int = 2 * 1024**3,
         max_lora_rank: int = 64,
         scheduling: str = "continuous",
+        max_prefill_tokens: int = 16384,
         loader_threads: int = 2,
         device=None,
         dtype=None,
@@ -50,6 +52,7 @@ class InferenceEngine:
         self._max_batch_size = max_batch_size
         self._max_lora_rank = max_lora_rank
         self._scheduling = scheduling
+        self._max_prefill_tokens = max_prefill_tokens
         self._device, self._dtype = device, dtype
         self._metrics = EngineMetrics()
         self._cache = AdapterCache(self._metrics, max_adapters=max_adapters, max_bytes=max_adapter_bytes)
@@ -95,7 +98,12 @@ class InferenceEngine:
                 return runtime
             runtime = BaseModelRuntime(info, self._device, self._dtype)
             scheduler = BatchScheduler(
-                runtime, self._cache, self._metrics, max_batch_size=self._max_batch_size, policy=self._scheduling
+                runtime,
+                self._cache,
+                self._metrics,
+                max_batch_size=self._max_batch_size,
+                policy=self._scheduling,
+                max_prefill_tokens=self._max_prefill_tokens,
             )
             with self._lock:
                 self._schedulers[base_model] = scheduler

@@ -1,10 +1,10 @@
 """The KV cache of the running rows, left-padded so rows of different lengths decode in one forward.
 
-Each new request is prefilled alone (no padding, so its prompt is computed exactly as it would be alone) and its
-cache is then joined to the batch: the shorter side gets zero keys/values on the left, masked out by the attention
-mask. Every row passes its own `position_ids`, so padding never shifts a position. Rows that finish are dropped
-with `index_select`, and columns that became padding for every row are cut, so the cache tracks the longest live
-row rather than the longest row ever seen.
+New requests are prefilled together (left-padded, masked) and their cache is then joined to the batch: the
+shorter side gets zero keys/values on the left, masked out by the attention mask. Every row passes its own
+`position_ids`, so padding never shifts a position. Rows that finish are dropped with `index_select`, and columns
+that became padding for every row are cut, so the cache tracks the longest live row rather than the longest row
+ever seen.
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ class KVBatch:
     def rows(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    def add(self, row_cache) -> None:
-        """Append one prefilled row (a cache with batch size 1)."""
-        length = row_cache.get_seq_length()
-        first = row_cache.layers[0].keys
-        row_mask = torch.ones(1, length, dtype=torch.long, device=first.device)
+    def add(self, row_cache, row_mask: torch.Tensor) -> None:
+        """Append prefilled rows: their cache and attention mask [rows, length] (0 on their left padding)."""
+        length = row_mask.shape[1]
         if self.cache is None:
             self.cache, self.mask = row_cache, row_mask
             return

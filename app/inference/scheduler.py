@@ -37,6 +37,7 @@ class BatchScheduler:
         *,
         max_batch_size: int,
         policy: str = "continuous",
+        max_prefill_tokens: int = 16384,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; one of {POLICIES}")
@@ -45,6 +46,7 @@ class BatchScheduler:
         self._metrics = metrics
         self._max_batch_size = max_batch_size
         self._policy = policy
+        self._max_prefill_tokens = max_prefill_tokens
         self._cond = threading.Condition()
         self._waiting: deque[PendingRequest] = deque()
         self._rows: list[Sequence] = []
@@ -93,20 +95,14 @@ class BatchScheduler:
                 admitted = self._admissions()
                 self._metrics.add("queue_depth", -len(admitted))
             with torch.inference_mode():
-                for pending in admitted:
-                    try:
-                        self._prefill(pending)
-                    except Exception:  # one bad request must not take down the thread that serves everyone
-                        log.exception("prefill failed")
-                        self._fail(
-                            pending, ServiceUnavailable("Generation failed on the server", code="generation_failed")
-                        )
                 try:
+                    if admitted:
+                        self._prefill(admitted)
                     self._drop_cancelled()
                     if self._rows:
                         self._decode_step()
-                except Exception:
-                    log.exception("decode step failed; failing the running batch")
+                except Exception:  # a failed step must not kill the thread that serves every later request
+                    log.exception("generation step failed; failing the running batch")
                     error = ServiceUnavailable("Generation failed on the server", code="generation_failed")
                     for row in self._rows:
                         self._fail(row.pending, error)
@@ -114,43 +110,70 @@ class BatchScheduler:
                     self._rows, self._kv = [], KVBatch()
 
     def _admissions(self) -> list[PendingRequest]:
-        free = self._max_batch_size - len(self._rows)
+        """Waiting requests to prefill now, by policy, within the batch size and the prefill token budget."""
         if self._policy != "continuous" and self._rows:
             return []
-        if self._policy == "per_adapter" and self._waiting:
-            key = self._waiting[0].slot
-            chosen = [p for p in self._waiting if p.slot == key][:free]
-            for pending in chosen:
-                self._waiting.remove(pending)
-            return chosen
-        return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        candidates = list(self._waiting)
+        if self._policy == "per_adapter" and candidates:
+            candidates = [p for p in candidates if p.slot == candidates[0].slot]
+        chosen: list[PendingRequest] = []
+        width = 0
+        for pending in candidates[: self._max_batch_size - len(self._rows)]:
+            width = max(width, len(pending.request.prompt_ids))
+            # The padded prefill holds rows x longest prompt tokens; one request always fits.
+            if chosen and (len(chosen) + 1) * width > self._max_prefill_tokens:
+                break
+            chosen.append(pending)
+        for pending in chosen:
+            self._waiting.remove(pending)
+        return chosen
 
-    def _prefill(self, pending: PendingRequest) -> None:
-        if pending.handle.cancelled:
-            self._done(Sequence(pending, self._runtime.tokenizer, [], self._runtime.device), cancelled=True)
-            return
+    def _prefill(self, group: list[PendingRequest]) -> None:
+        """Prefill newly admitted requests in one left-padded forward and add them to the running batch."""
         runtime = self._runtime
-        entry = pending.entry
-        if entry is not None and not entry.installed:
-            runtime.lora.install(entry.slot, entry.rank, entry.weights.modules)
-            entry.installed, entry.weights = True, None
-        row = Sequence(pending, runtime.tokenizer, runtime.stop_ids, runtime.device)
-        prompt = pending.request.prompt_ids
-        runtime.lora.use([row.slot])
+        live = []
+        for pending in group:
+            if pending.handle.cancelled:
+                self._done(Sequence(pending, runtime.tokenizer, [], runtime.device), cancelled=True)
+            else:
+                live.append(pending)
+        if not live:
+            return
+        try:
+            rows, cache, mask, logits = self._prefill_forward(live)
+        except Exception:  # these requests fail; the running batch is untouched and goes on
+            log.exception("prefill failed")
+            for pending in live:
+                self._fail(pending, ServiceUnavailable("Generation failed on the server", code="generation_failed"))
+            return
+        prompts = [pending.request.prompt_ids for pending in live]
+        self._metrics.add("prefills_total", len(rows))
+        self._metrics.add("prompt_tokens_total", sum(len(p) for p in prompts))
+        self._kv.add(cache, mask)
+        self._rows += rows
+        self._metrics.add("running_requests", len(rows))
+        self._accept(rows, logits)
+        self._retire_finished()
+
+    def _prefill_forward(self, live: list[PendingRequest]):
+        runtime = self._runtime
+        for pending in live:
+            entry = pending.entry
+            if entry is not None and not entry.installed:
+                runtime.lora.install(entry.slot, entry.rank, entry.weights.modules)
+                entry.installed, entry.weights = True, None
+        rows = [Sequence(pending, runtime.tokenizer, runtime.stop_ids, runtime.device) for pending in live]
+        prompts = [pending.request.prompt_ids for pending in live]
+        width = max(len(p) for p in prompts)
+        pad = runtime.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=runtime.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=runtime.device)
+        # Each row counts positions from its first real token, exactly as it would alone.
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        runtime.lora.use([row.slot for row in rows])
         cache = runtime.new_cache()
-        ids = torch.tensor([prompt], dtype=torch.long, device=runtime.device)
-        positions = torch.arange(len(prompt), device=runtime.device).unsqueeze(0)
-        out = runtime.forward(cache, input_ids=ids, position_ids=positions, logits_to_keep=1)
-        self._metrics.add("prefills_total")
-        self._metrics.add("prompt_tokens_total", len(prompt))
-        logits = out.logits[:, -1, :].float()
-        self._accept([row], logits)
-        if row.finish_reason is None:
-            self._kv.add(cache)
-            self._rows.append(row)
-            self._metrics.add("running_requests", 1)
-        else:
-            self._done(row)
+        out = runtime.forward(cache, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        return rows, cache, mask, out.logits[:, -1, :].float()
 
     def _decode_step(self) -> None:
         runtime = self._runtime
@@ -163,6 +186,10 @@ class BatchScheduler:
         for row in rows:
             row.position += 1
         self._accept(rows, logits)
+        self._retire_finished()
+
+    def _retire_finished(self) -> None:
+        rows = self._rows
         keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
         for row in rows:
             if row.finish_reason is not None:
