@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     inference: Literal["on", "off"] = "on"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Inference.
+    max_tokens_limit: int = Field(default=4096, ge=1)  # per request
+    max_batch_size: int = Field(default=16, ge=1)  # sequences decoded together
+    max_resident_adapters: int = Field(default=64, ge=1)
+    max_adapter_cache_bytes: int = Field(default=2 * 1024**3, gt=0)
+
     # Jobs. The database decides who owns a job: a worker holds a lease it renews every heartbeat.
     max_running_jobs_per_project: int = Field(default=4, ge=1)
     job_lease_seconds: float = Field(default=30.0, gt=0)

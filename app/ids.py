@@ -44,3 +44,11 @@ def fine_tuned_model_name(base: str, project: str, suffix: str | None, job: str)
 
 def checkpoint_model_name(model: str, step: int) -> str:
     return f"{model}:ckpt-step-{step}"
+
+
+def completion_id() -> str:
+    return f"cmpl-{_random(24)}"
+
+
+def chat_completion_id() -> str:
+    return f"chatcmpl-{_random(24)}"

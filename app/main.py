@@ -9,10 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
-from app.api.routes import files, fine_tuning, health, models
+from app.api.routes import completions, files, fine_tuning, health, models
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.dispatch import JobDispatcher
+from app.inference import InferenceEngine
 from app.ml.registry import BaseModelRegistry
 from app.storage import LocalStorage
 from worker.leases import reconcile
@@ -31,11 +32,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = BaseModelRegistry(settings)
         app.state.dispatcher = JobDispatcher(settings)
         app.state.inference = None
+        if settings.inference == "on":
+            app.state.inference = InferenceEngine(
+                app.state.registry,
+                max_batch_size=settings.max_batch_size,
+                max_adapters=settings.max_resident_adapters,
+                max_adapter_bytes=settings.max_adapter_cache_bytes,
+            )
+            app.state.inference.start()
         # Re-drive what the broker may have lost while nothing was running; off the start-up path.
         threading.Thread(
             target=reconcile, args=(app.state.sessionmaker, app.state.dispatcher, settings), daemon=True
         ).start()
         yield
+        if app.state.inference is not None:
+            app.state.inference.stop()
         app.state.dispatcher.close()
         app.state.engine.dispose()
 
@@ -46,4 +57,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(models.router)
+    app.include_router(completions.router)
     return app

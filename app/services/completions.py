@@ -1,0 +1,149 @@
+"""Turning a completions or chat request into generation requests for the engine: resolve the model for the
+caller's project, render the prompt exactly as training did, and check the limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import InvalidRequest
+from app.inference import AdapterRef, GenerationRequest, InferenceEngine
+from app.ml.chat import render_chat_prompt, render_completion_prompt
+from app.ml.registry import BaseModelRegistry
+from app.schemas.completions import ChatCompletionRequest, CompletionRequest, SamplingParams
+from app.services import models
+from app.services.keys import CurrentProject
+from app.storage import LocalStorage
+
+MAX_STOP_SEQUENCES = 4
+
+
+@dataclass
+class Prepared:
+    """Generation requests in choice order (prompt by prompt, n per prompt) and what the response reports."""
+
+    requests: list[GenerationRequest]
+    prompt_tokens: int
+    prompt_texts: list[str]  # for `echo`
+
+
+def _refuse_unsupported(params: SamplingParams, **unsupported) -> None:
+    if params.presence_penalty or params.frequency_penalty:
+        name = "presence_penalty" if params.presence_penalty else "frequency_penalty"
+        raise InvalidRequest(f"{name} is not supported; leave it at 0.", param=name, code="unsupported_parameter")
+    if params.logit_bias:
+        raise InvalidRequest("logit_bias is not supported.", param="logit_bias", code="unsupported_parameter")
+    for name, value in unsupported.items():
+        if value:
+            raise InvalidRequest(f"{name} is not supported.", param=name, code="unsupported_parameter")
+
+
+def _stop(params: SamplingParams) -> list[str]:
+    stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
+    if len(stop) > MAX_STOP_SEQUENCES or any(not s for s in stop):
+        raise InvalidRequest(f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings.", param="stop")
+    return stop
+
+
+def _max_tokens(requested: int | None, param: str, prompt_len: int, context: int, settings: Settings) -> int:
+    if requested is not None and requested > settings.max_tokens_limit:
+        raise InvalidRequest(
+            f"{param} is at most {settings.max_tokens_limit} on this server.", param=param, code="invalid_value"
+        )
+    room = context - prompt_len
+    max_tokens = requested if requested is not None else min(settings.max_tokens_limit, room)
+    if max_tokens > room or room < 1:
+        raise InvalidRequest(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the prompt, {max(max_tokens, 1)} "
+            "for the completion). Please reduce the prompt or the completion length.",
+            param="messages" if param == "max_completion_tokens" else "prompt",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def _resolve(session, project, registry, storage, model: str) -> tuple[str, AdapterRef | None]:
+    info = models.get_model(session, project, registry, model)
+    if info.adapter_key is None:
+        return info.base_model, None
+    return info.base_model, AdapterRef(name=info.id, path=models.adapter_dir(storage, info))
+
+
+def _expand(params: SamplingParams, base: str, adapter, prompts: list[list[int]], max_tokens: int, stop) -> list:
+    # With n > 1 and a seed, each choice gets its own seed so the n answers differ but stay reproducible.
+    return [
+        GenerationRequest(
+            base_model=base,
+            adapter=adapter,
+            prompt_ids=ids,
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=stop,
+            seed=None if params.seed is None else params.seed + j,
+        )
+        for ids in prompts
+        for j in range(params.n)
+    ]
+
+
+def prepare_completion(
+    session: Session,
+    project: CurrentProject,
+    registry: BaseModelRegistry,
+    storage: LocalStorage,
+    engine: InferenceEngine,
+    settings: Settings,
+    request: CompletionRequest,
+) -> Prepared:
+    _refuse_unsupported(request, logprobs=request.logprobs, suffix=request.suffix, best_of=(request.best_of or 1) > 1)
+    stop = _stop(request)
+    base, adapter = _resolve(session, project, registry, storage, request.model)
+    texts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+    if not texts:
+        raise InvalidRequest("prompt must not be empty.", param="prompt")
+    tokenizer = engine.tokenizer(base)
+    prompts = [render_completion_prompt(text, tokenizer) for text in texts]
+    context = engine.context_length(base)
+    max_tokens = max(_max_tokens(request.max_tokens, "max_tokens", len(p), context, settings) for p in prompts)
+    return Prepared(_expand(request, base, adapter, prompts, max_tokens, stop), sum(map(len, prompts)), texts)
+
+
+def _message_dict(message) -> dict:
+    content = message.content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest("Only text content parts are supported.", param="messages")
+            parts.append(part["text"])
+        content = "".join(parts)
+    role = "system" if message.role == "developer" else message.role
+    return {**(message.model_extra or {}), "role": role, "content": content}
+
+
+def prepare_chat(
+    session: Session,
+    project: CurrentProject,
+    registry: BaseModelRegistry,
+    storage: LocalStorage,
+    engine: InferenceEngine,
+    settings: Settings,
+    request: ChatCompletionRequest,
+) -> Prepared:
+    response_format = (request.response_format or {}).get("type", "text")
+    _refuse_unsupported(
+        request, logprobs=request.logprobs, top_logprobs=request.top_logprobs, response_format=response_format != "text"
+    )
+    stop = _stop(request)
+    base, adapter = _resolve(session, project, registry, storage, request.model)
+    tokenizer = engine.tokenizer(base)
+    # The one rendering function training used, so the model sees exactly the prefix it learned from.
+    ids = render_chat_prompt([_message_dict(m) for m in request.messages], tokenizer, tools=request.tools)
+    param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    max_tokens = _max_tokens(requested, param, len(ids), engine.context_length(base), settings)
+    return Prepared(_expand(request, base, adapter, [ids], max_tokens, stop), len(ids), [])
