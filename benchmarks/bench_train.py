@@ -80,19 +80,28 @@ class Timer(TrainingCallbacks):
 
     def should_stop(self):
         if self.start is None:
-            self.start = time.perf_counter()
+            self.start = clocks()
         return None
 
     def on_progress(self, step, total_steps, eta_seconds):
-        self.end = time.perf_counter()
+        self.end = clocks()
 
 
-def run_engine(model_dir: Path, train_file: Path, n: int, out_dir: Path, **overrides) -> float:
+def clocks() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds over all threads)."""
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(start, end) -> tuple[float, float]:
+    return end[0] - start[0], end[1] - start[1]
+
+
+def run_engine(model_dir: Path, train_file: Path, n: int, out_dir: Path, **overrides) -> tuple[float, float]:
     from worker.training.loop import train
 
     timer = Timer()
     train(spec_for(n, **overrides), train_file, None, str(model_dir), out_dir, timer)
-    return timer.end - timer.start
+    return elapsed(timer.start, timer.end)
 
 
 def naive_batches(tokenizer, examples: list[dict], pad_id: int):
@@ -109,7 +118,7 @@ def naive_batches(tokenizer, examples: list[dict], pad_id: int):
     return batches
 
 
-def run_naive(model_dir: Path, examples: list[dict]) -> float:
+def run_naive(model_dir: Path, examples: list[dict]) -> tuple[float, float]:
     from transformers import AutoTokenizer
 
     from worker.training.loop import build_lora_model, load_base_model
@@ -121,17 +130,17 @@ def run_naive(model_dir: Path, examples: list[dict]) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate)
     batches = naive_batches(tokenizer, examples, tokenizer.pad_token_id)
-    start = time.perf_counter()
+    start = clocks()
     for input_ids, mask, labels in batches:
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return elapsed(start, clocks())
 
 
-def run_trl(model_dir: Path, examples: list[dict], out_dir: Path) -> float:
+def run_trl(model_dir: Path, examples: list[dict], out_dir: Path) -> tuple[float, float]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -173,10 +182,10 @@ def run_trl(model_dir: Path, examples: list[dict], out_dir: Path) -> float:
 
     class TrainTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
+            self.start = clocks()
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.end = time.perf_counter()
+            self.end = clocks()
 
     timer = TrainTimer()
     trainer = SFTTrainer(
@@ -188,7 +197,7 @@ def run_trl(model_dir: Path, examples: list[dict], out_dir: Path) -> float:
         callbacks=[timer],
     )
     trainer.train()
-    return timer.end - timer.start
+    return elapsed(timer.start, timer.end)
 
 
 def useful_tokens(tokenizer, examples: list[dict]) -> int:
@@ -234,7 +243,7 @@ def measure_memory(variant: str, model_dir: Path, data_file: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-child", nargs=3, metavar=("VARIANT", "MODEL_DIR", "DATA"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -273,13 +282,25 @@ def main() -> None:
             "naive (pad to max, loss on all)": lambda: run_naive(model_dir, examples),
             "trl SFTTrainer (packing)": lambda: run_trl(model_dir, examples, tmp / "trl"),
         }
-        # Interleaved repeats, best of each: other processes on the machine only ever slow a run down.
-        timings = {name: float("inf") for name in variants}
+        # Interleaved repeats, best of each: other processes on the machine only ever slow a run down. CPU
+        # seconds (all threads of this process) are printed as a cross-check that contention cannot skew.
+        wall = {name: float("inf") for name in variants}
+        cpu = dict(wall)
         for _ in range(args.repeats):
             for name, run in variants.items():
-                timings[name] = min(timings[name], run())
-        for name, seconds in timings.items():
-            print(f"{name:42s} {seconds:7.2f} s  {useful / seconds:8.0f} useful tokens/s")
+                w, c = run()
+                wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
+        for name in variants:
+            print(
+                f"{name:42s} {wall[name]:7.2f} s  {useful / wall[name]:6.0f} useful tokens/s   "
+                f"(cpu {cpu[name]:6.2f} s, {useful / cpu[name]:5.0f} useful tokens per cpu-s)"
+            )
+        timings = wall
+        cpu_names = list(cpu)
+        print(
+            f"cpu-time ratios: vs naive {cpu[cpu_names[2]] / cpu[cpu_names[0]]:.2f}, "
+            f"vs trl {cpu[cpu_names[3]] / cpu[cpu_names[0]]:.2f}"
+        )
         engine, naive, trl = (timings[k] for k in list(timings)[:1] + list(timings)[2:])
 
         big = tmp / "tiny-32k"

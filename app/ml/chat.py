@@ -65,12 +65,10 @@ def _chat_segments(messages: Sequence[dict], tokenizer, tools, add_generation_pr
     rendered = ""
     for i, message in enumerate(messages):
         if message.get("role") == "assistant":
-            try:
+            if i == 0:
+                with_prompt = _empty_generation_prompt(tokenizer, tools)
+            else:
                 with_prompt = _render(messages[:i], tokenizer, tools, add_generation_prompt=True)
-            except ChatTemplateError:
-                raise
-            except Exception:  # some templates refuse an empty conversation; the prompt is then empty
-                with_prompt = rendered
             _check_prefix(rendered, with_prompt)
             yield with_prompt[len(rendered) :], False
             rendered = with_prompt
@@ -86,6 +84,17 @@ def _chat_segments(messages: Sequence[dict], tokenizer, tools, add_generation_pr
         full = _render(messages, tokenizer, tools, add_generation_prompt=True)
         _check_prefix(rendered, full)
         yield full[len(rendered) :], False
+
+
+def _empty_generation_prompt(tokenizer, tools) -> str:
+    """The generation prompt before an opening assistant message; some templates refuse an empty
+    conversation (they index messages[0]), in which case there is no prompt text."""
+    try:
+        return _render([], tokenizer, tools, add_generation_prompt=True)
+    except ChatTemplateError:
+        raise
+    except Exception:
+        return ""
 
 
 def _check_prefix(prefix: str, text: str) -> None:

@@ -109,3 +109,11 @@ def test_rendering_round_trips_unicode_bytes(tokenizer):
     input_ids, labels = render_training_example({"messages": messages}, tokenizer)
     assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "ça va ✓<|im_end|>"
     assert "héllo 🌍" in tokenizer.decode(input_ids)
+
+
+def test_conversation_opening_with_the_assistant_still_matches_inference(tokenizer):
+    messages = [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "thanks"}]
+    input_ids, labels = render_training_example({"messages": messages}, tokenizer)
+    prompt = render_chat_prompt([], tokenizer)
+    assert input_ids[: len(prompt)] == prompt and prompt[0] == tokenizer.bos_token_id
+    assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "Welcome!<|im_end|>"
