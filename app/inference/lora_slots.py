@@ -28,8 +28,19 @@ class BatchPlan:
         self.single: int | None = 0  # the slot shared by every row, or None when rows differ
         self.slots: torch.Tensor | None = None  # [rows] slot ids when rows differ
         self.rank = 0  # largest rank among the rows' adapters
+        # Bumped whenever the rows' slots or the tables change: layers reuse their gathered factors until then,
+        # since a batch keeps its composition for many decode steps.
+        self.version = 0
+        self._last: list[int] | None = None
+
+    def invalidate(self) -> None:
+        self._last = None
 
     def set(self, slots: list[int], ranks: list[int], device: torch.device) -> None:
+        if slots == self._last:
+            return
+        self._last = list(slots)
+        self.version += 1
         self.rank = max(ranks[s] for s in slots)
         if len(set(slots)) == 1:
             self.single, self.slots = slots[0], None
@@ -46,6 +57,7 @@ class LoraSlotLinear(nn.Module):
         self.plan = plan
         self.lora_a: torch.Tensor | None = None  # [slots, r_max, in]
         self.lora_b: torch.Tensor | None = None  # [slots, out, r_max]
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (plan version, a, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -58,8 +70,11 @@ class LoraSlotLinear(nn.Module):
             b = self.lora_b[plan.single, :, :r]
             return out + (x @ a.T) @ b.T
         rows = x.shape[0]
-        a = self.lora_a.index_select(0, plan.slots)[:, :r]  # [rows, r, in]
-        b = self.lora_b.index_select(0, plan.slots)[:, :, :r]  # [rows, out, r]
+        if self._gathered is None or self._gathered[0] != plan.version:
+            a = self.lora_a.index_select(0, plan.slots)[:, :r]  # [rows, r, in]
+            b = self.lora_b.index_select(0, plan.slots)[:, :, :r]  # [rows, out, r]
+            self._gathered = (plan.version, a, b)
+        _, a, b = self._gathered
         x3 = x.reshape(rows, -1, x.shape[-1])
         delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
         return out + delta.view_as(out)
@@ -98,6 +113,7 @@ class LoraSlots:
     def install(self, slot: int, rank: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write an adapter's factors into `slot` (zeroing layers the adapter does not touch)."""
         self._grow(slot + 1, rank)
+        self.plan.invalidate()  # a slot's content changes: gathered factors of the old content are stale
         while len(self.ranks) <= slot:
             self.ranks.append(0)
         self.ranks[slot] = rank
