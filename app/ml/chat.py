@@ -66,7 +66,7 @@ def _chat_segments(messages: Sequence[dict], tokenizer, tools, add_generation_pr
     for i, message in enumerate(messages):
         if message.get("role") == "assistant":
             if i == 0:
-                with_prompt = _empty_generation_prompt(tokenizer, tools)
+                with_prompt = _opening_assistant_prompt(message, tokenizer, tools)
             else:
                 with_prompt = _render(messages[:i], tokenizer, tools, add_generation_prompt=True)
             _check_prefix(rendered, with_prompt)
@@ -86,15 +86,14 @@ def _chat_segments(messages: Sequence[dict], tokenizer, tools, add_generation_pr
         yield full[len(rendered) :], False
 
 
-def _empty_generation_prompt(tokenizer, tools) -> str:
-    """The generation prompt before an opening assistant message; some templates refuse an empty
-    conversation (they index messages[0]), in which case there is no prompt text."""
-    try:
-        return _render([], tokenizer, tools, add_generation_prompt=True)
-    except ChatTemplateError:
-        raise
-    except Exception:
-        return ""
+def _opening_assistant_prompt(message: dict, tokenizer, tools) -> str:
+    """The text before an assistant message that opens the conversation. transformers refuses to render an
+    empty conversation, so render this message with a marker as its content and cut at the marker."""
+    marker = "\u2063tuneserve-content-marker\u2063"
+    probe = _render([{"role": "assistant", "content": marker}], tokenizer, tools, add_generation_prompt=False)
+    if marker not in probe:
+        raise ChatTemplateError("the chat template does not render assistant content as given")
+    return probe[: probe.index(marker)]
 
 
 def _check_prefix(prefix: str, text: str) -> None:

@@ -111,9 +111,10 @@ def test_rendering_round_trips_unicode_bytes(tokenizer):
     assert "héllo 🌍" in tokenizer.decode(input_ids)
 
 
-def test_conversation_opening_with_the_assistant_still_matches_inference(tokenizer):
+def test_conversation_opening_with_the_assistant_supervises_only_its_content(tokenizer):
     messages = [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "thanks"}]
     input_ids, labels = render_training_example({"messages": messages}, tokenizer)
-    prompt = render_chat_prompt([], tokenizer)
-    assert input_ids[: len(prompt)] == prompt and prompt[0] == tokenizer.bos_token_id
+    check_basic_invariants(input_ids, labels)
+    ((start, _),) = supervised_spans(labels)
+    assert tokenizer.decode(input_ids[:start]) == "<|bos|><|im_start|>assistant\n"
     assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "Welcome!<|im_end|>"
