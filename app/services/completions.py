@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import InvalidRequest
-from app.inference import AdapterRef, GenerationRequest, InferenceEngine
+from app.inference import AdapterRef, GenerationHandle, GenerationRequest, InferenceEngine
 from app.ml.chat import render_chat_prompt, render_completion_prompt
 from app.ml.registry import BaseModelRegistry
 from app.schemas.completions import ChatCompletionRequest, CompletionRequest, SamplingParams
@@ -65,13 +65,6 @@ def _max_tokens(requested: int | None, param: str, prompt_len: int, context: int
     return max_tokens
 
 
-def _resolve(session, project, registry, storage, model: str) -> tuple[str, AdapterRef | None]:
-    info = models.get_model(session, project, registry, model)
-    if info.adapter_key is None:
-        return info.base_model, None
-    return info.base_model, AdapterRef(name=info.id, path=models.adapter_dir(storage, info))
-
-
 def _expand(params: SamplingParams, base: str, adapter, prompts: list[list[int]], max_tokens: int, stop) -> list:
     # With n > 1 and a seed, each choice gets its own seed so the n answers differ but stay reproducible.
     return [
@@ -90,28 +83,6 @@ def _expand(params: SamplingParams, base: str, adapter, prompts: list[list[int]]
     ]
 
 
-def prepare_completion(
-    session: Session,
-    project: CurrentProject,
-    registry: BaseModelRegistry,
-    storage: LocalStorage,
-    engine: InferenceEngine,
-    settings: Settings,
-    request: CompletionRequest,
-) -> Prepared:
-    _refuse_unsupported(request, logprobs=request.logprobs, suffix=request.suffix, best_of=(request.best_of or 1) > 1)
-    stop = _stop(request)
-    base, adapter = _resolve(session, project, registry, storage, request.model)
-    texts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
-    if not texts:
-        raise InvalidRequest("prompt must not be empty.", param="prompt")
-    tokenizer = engine.tokenizer(base)
-    prompts = [render_completion_prompt(text, tokenizer) for text in texts]
-    context = engine.context_length(base)
-    max_tokens = max(_max_tokens(request.max_tokens, "max_tokens", len(p), context, settings) for p in prompts)
-    return Prepared(_expand(request, base, adapter, prompts, max_tokens, stop), sum(map(len, prompts)), texts)
-
-
 def _message_dict(message) -> dict:
     content = message.content
     if isinstance(content, list):
@@ -125,25 +96,54 @@ def _message_dict(message) -> dict:
     return {**(message.model_extra or {}), "role": role, "content": content}
 
 
-def prepare_chat(
-    session: Session,
-    project: CurrentProject,
-    registry: BaseModelRegistry,
-    storage: LocalStorage,
-    engine: InferenceEngine,
-    settings: Settings,
-    request: ChatCompletionRequest,
-) -> Prepared:
-    response_format = (request.response_format or {}).get("type", "text")
-    _refuse_unsupported(
-        request, logprobs=request.logprobs, top_logprobs=request.top_logprobs, response_format=response_format != "text"
-    )
-    stop = _stop(request)
-    base, adapter = _resolve(session, project, registry, storage, request.model)
-    tokenizer = engine.tokenizer(base)
-    # The one rendering function training used, so the model sees exactly the prefix it learned from.
-    ids = render_chat_prompt([_message_dict(m) for m in request.messages], tokenizer, tools=request.tools)
-    param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-    requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    max_tokens = _max_tokens(requested, param, len(ids), engine.context_length(base), settings)
-    return Prepared(_expand(request, base, adapter, [ids], max_tokens, stop), len(ids), [])
+@dataclass
+class Serving:
+    """What answering one request needs: the caller, the database, storage and the engine."""
+
+    session: Session
+    project: CurrentProject
+    registry: BaseModelRegistry
+    storage: LocalStorage
+    engine: InferenceEngine
+    settings: Settings
+
+    def _model(self, params: SamplingParams) -> tuple[str, AdapterRef | None, object, int]:
+        """(base model, adapter, tokenizer, context length) for the requested model, if this project may use it."""
+        info = models.get_model(self.session, self.project, self.registry, params.model)
+        adapter = None
+        if info.adapter_key is not None:
+            adapter = AdapterRef(name=info.id, path=models.adapter_dir(self.storage, info))
+        base = info.base_model
+        return base, adapter, self.engine.tokenizer(base), self.engine.context_length(base)
+
+    def prepare_completion(self, request: CompletionRequest) -> Prepared:
+        best_of = (request.best_of or 1) > 1
+        _refuse_unsupported(request, logprobs=request.logprobs, suffix=request.suffix, best_of=best_of)
+        stop = _stop(request)
+        texts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+        if not texts:
+            raise InvalidRequest("prompt must not be empty.", param="prompt")
+        base, adapter, tokenizer, context = self._model(request)
+        prompts = [render_completion_prompt(text, tokenizer) for text in texts]
+        max_tokens = _max_tokens(request.max_tokens, "max_tokens", max(map(len, prompts)), context, self.settings)
+        return Prepared(_expand(request, base, adapter, prompts, max_tokens, stop), sum(map(len, prompts)), texts)
+
+    def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
+        response_format = (request.response_format or {}).get("type", "text")
+        _refuse_unsupported(
+            request,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
+            response_format=response_format != "text",
+        )
+        stop = _stop(request)
+        base, adapter, tokenizer, context = self._model(request)
+        # The one rendering function training used, so the model sees exactly the prefix it learned from.
+        ids = render_chat_prompt([_message_dict(m) for m in request.messages], tokenizer, tools=request.tools)
+        param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        max_tokens = _max_tokens(requested, param, len(ids), context, self.settings)
+        return Prepared(_expand(request, base, adapter, [ids], max_tokens, stop), len(ids), [])
+
+    def submit(self, prepared: Prepared) -> list[GenerationHandle]:
+        return [self.engine.submit(r) for r in prepared.requests]

@@ -25,7 +25,7 @@ from app.schemas.completions import (
     Usage,
 )
 from app.schemas.errors import ERROR_RESPONSES
-from app.services import completions
+from app.services.completions import Serving
 
 router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES)
 
@@ -40,7 +40,18 @@ def get_engine(request: Request) -> InferenceEngine:
     return engine
 
 
-EngineDep = Annotated[InferenceEngine, Depends(get_engine)]
+def serving(
+    project: ProjectDep,
+    session: SessionDep,
+    registry: RegistryDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    engine: Annotated[InferenceEngine, Depends(get_engine)],
+) -> Serving:
+    return Serving(session, project, registry, storage, engine, settings)
+
+
+ServingDep = Annotated[Serving, Depends(serving)]
 
 
 def _usage(prompt_tokens: int, finished: list[Finished]) -> dict:
@@ -55,20 +66,9 @@ def _sse_response(body) -> StreamingResponse:
 
 
 @router.post("/completions", response_model=Completion)
-async def create_completion(
-    body: CompletionRequest,
-    request: Request,
-    project: ProjectDep,
-    session: SessionDep,
-    registry: RegistryDep,
-    storage: StorageDep,
-    settings: SettingsDep,
-    engine: EngineDep,
-):
-    prepared = await run_in_threadpool(
-        completions.prepare_completion, session, project, registry, storage, engine, settings, body
-    )
-    handles = [engine.submit(r) for r in prepared.requests]
+async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep):
+    prepared = await run_in_threadpool(serving.prepare_completion, body)
+    handles = serving.submit(prepared)
     completion_id, created = ids.completion_id(), int(time.time())
 
     def echo(index: int) -> str:
@@ -110,20 +110,9 @@ async def create_completion(
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
-async def create_chat_completion(
-    body: ChatCompletionRequest,
-    request: Request,
-    project: ProjectDep,
-    session: SessionDep,
-    registry: RegistryDep,
-    storage: StorageDep,
-    settings: SettingsDep,
-    engine: EngineDep,
-):
-    prepared = await run_in_threadpool(
-        completions.prepare_chat, session, project, registry, storage, engine, settings, body
-    )
-    handles = [engine.submit(r) for r in prepared.requests]
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, serving: ServingDep):
+    prepared = await run_in_threadpool(serving.prepare_chat, body)
+    handles = serving.submit(prepared)
     completion_id, created = ids.chat_completion_id(), int(time.time())
 
     if body.stream:

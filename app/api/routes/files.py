@@ -12,6 +12,7 @@ from app.api.deps import ProjectDep, SessionDep, SettingsDep, StorageDep
 from app.api.uploads import receive_upload
 from app.schemas.errors import ERROR_RESPONSES
 from app.schemas.files import FileDeleted, FileList, FileObject
+from app.schemas.pages import cursor_page
 from app.services import files
 from app.services.files import FileUpload
 
@@ -64,13 +65,7 @@ def list_files(
     purpose: str | None = None,
 ) -> FileList:
     page = files.list_files(session, project, after=after, limit=limit, order=order, purpose=purpose)
-    data = [FileObject.of(row) for row in page.data]
-    return FileList(
-        data=data,
-        has_more=page.has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return FileList(**cursor_page([FileObject.of(row) for row in page.data], page.has_more))
 
 
 @router.get("/{file_id}", response_model=FileObject)

@@ -19,6 +19,7 @@ from app.schemas.jobs import (
     JobList,
     job_object,
 )
+from app.schemas.pages import cursor_page
 from app.services import jobs
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
@@ -83,10 +84,4 @@ def list_fine_tuning_checkpoints(
     fine_tuning_job_id: str, project: ProjectDep, session: SessionDep, after: str | None = None, limit: Limit = 10
 ) -> CheckpointList:
     page = jobs.list_checkpoints(session, project, fine_tuning_job_id, after=after, limit=limit)
-    data = [CheckpointObject.of(c) for c in page.data]
-    return CheckpointList(
-        data=data,
-        has_more=page.has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return CheckpointList(**cursor_page([CheckpointObject.of(c) for c in page.data], page.has_more))
