@@ -12,15 +12,18 @@ thread copies weights into the slot before the adapter's first forward.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
 
-from app.errors import InvalidRequest, TuneserveError
+from app.errors import InvalidRequest, ServiceUnavailable, TuneserveError
 from app.inference.adapter_files import AdapterWeights
 from app.inference.metrics import EngineMetrics
 from app.inference.types import AdapterRef
+
+log = logging.getLogger(__name__)
 
 
 class AdapterEntry:
@@ -98,7 +101,12 @@ class AdapterCache:
                     param="model",
                     code="model_not_servable",
                 )
-        except TuneserveError as exc:
+        except Exception as exc:  # every waiter must hear of a failure, or its request would hang
+            if not isinstance(exc, TuneserveError):
+                log.exception("loading adapter %s failed", entry.ref.name)
+                exc = ServiceUnavailable(
+                    f"The model '{entry.ref.name}' could not be loaded", param="model", code="model_unavailable"
+                )
             with self._lock:
                 if self._entries.get(entry.ref.name) is entry:
                     del self._entries[entry.ref.name]

@@ -7,6 +7,7 @@ adapter) is loaded on a small thread pool and the request follows when it is rea
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -20,6 +21,8 @@ from app.inference.scheduler import BatchScheduler
 from app.inference.sequence import PendingRequest
 from app.inference.types import GenerationRequest
 from app.ml.registry import BaseModelRegistry
+
+log = logging.getLogger(__name__)
 
 
 class InferenceEngine:
@@ -171,7 +174,10 @@ class InferenceEngine:
             runtime = self._runtime(request.base_model)
             self._check_context(request, runtime)
             self._route(request, handle, runtime)
-        except TuneserveError as exc:
+        except Exception as exc:  # the handle must end, whatever went wrong
+            if not isinstance(exc, TuneserveError):
+                log.exception("preparing a request for %s failed", request.base_model)
+                exc = ServiceUnavailable(f"The model '{request.base_model}' could not be loaded", param="model")
             self._metrics.add("requests_failed_total")
             handle.push(exc)
 

@@ -109,6 +109,9 @@ def test_only_safetensors_and_existing_files_are_served(engine, tokenizer, adapt
     assert "safetensors" in error.message
     missing = AdapterRef(name="ft:missing", path=tmp_path / "nowhere")
     expect_error(engine, request(tokenizer, "hi", missing), NotFound)
+    corrupt = copy_adapter(adapters[0], tmp_path / "corrupt", "ft:corrupt")
+    (corrupt.path / "adapter_model.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    assert "unreadable" in expect_error(engine, request(tokenizer, "hi", corrupt), InvalidRequest).message
     dora = copy_adapter(adapters[0], tmp_path / "dora", "ft:dora")
     config = json.loads((dora.path / "adapter_config.json").read_text())
     (dora.path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
