@@ -5,7 +5,8 @@ costs T^2 however short the examples are and the kernel cannot skip the causal u
 slice runs its own causal SDPA call, costing the sum of n_i^2 / 2. The row's segment boundaries arrive as the
 `segments` keyword argument, which transformers passes through the decoder layers to the attention function.
 Registered as an attention implementation, and not as a mask implementation, so transformers builds no mask
-at all. Without `segments` (e.g. generation) it is ordinary causal SDPA.
+at all. For training only: without `segments` it is plain causal SDPA with no padding mask, so a model
+loaded with this implementation must not be used for padded batched generation.
 """
 
 from __future__ import annotations
