@@ -118,3 +118,20 @@ def test_conversation_opening_with_the_assistant_supervises_only_its_content(tok
     ((start, _),) = supervised_spans(labels)
     assert tokenizer.decode(input_ids[:start]) == "<|bos|><|im_start|>assistant\n"
     assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "Welcome!<|im_end|>"
+
+
+def test_assistant_tool_calls_and_tool_results_render_with_calls_supervised(tokenizer):
+    call = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]
+    messages = [
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": call},
+        {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+        {"role": "assistant", "content": "Rain."},
+    ]
+    input_ids, labels = render_training_example({"messages": messages}, tokenizer)
+    check_basic_invariants(input_ids, labels)
+    texts = [tokenizer.decode(input_ids[a:b]) for a, b in supervised_spans(labels)]
+    assert len(texts) == 2 and "get_weather" in texts[0] and texts[1] == "Rain.<|im_end|>"
+    assert all(t.endswith("<|im_end|>") for t in texts)
+    prompt = render_chat_prompt(messages[:3], tokenizer)
+    assert input_ids[: len(prompt)] == prompt and "rain" in tokenizer.decode(prompt)
