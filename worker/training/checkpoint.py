@@ -61,6 +61,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     path = Path(path)
     if not (path / STATE_FILE).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
         raise TrainingError("invalid_checkpoint", f"{path.name} is not a complete training checkpoint")
+    # weights_only=False: the file is the engine's own (never user-supplied) and holds NumPy's RNG state,
+    # which the weights-only unpickler refuses.
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     device = next(p.device for p in model.parameters())
     set_peft_model_state_dict(model, load_file(path / ADAPTER_WEIGHTS, device=str(device)))
