@@ -3,6 +3,7 @@ as succeeded (published), paused, failed (with a code a user can act on) or not 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -16,7 +17,7 @@ from app import ids
 from app.db import session_scope
 from app.services.files import storage_key as file_storage_key
 from app.services.jobs import add_event
-from app.tables import File, Job, JobCheckpoint, Project
+from app.tables import File, FineTunedModel, Job, JobCheckpoint, Project
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
 from worker.leases import Claim, LeaseLost, claim_job, fail_job, fenced_session
@@ -157,7 +158,10 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
     storage = ctx.storage
     try:
         base = ctx.registry.resolve(job.base_model)
-        spec = resolve_spec(job.options, training.n_examples, defaults=base.defaults, seed=job.seed)
+        options, init_adapter = job.options, None
+        if job.parent_model:
+            options, init_adapter = _continue_from(ctx, job)
+        spec = resolve_spec(options, training.n_examples, defaults=base.defaults, seed=job.seed)
         with fenced_session(ctx.sessionmaker, claim, ctx.settings, "running") as session:
             session.get(Job, job.seq).resolved_hyperparameters = spec.to_dict()
         result = train(
@@ -168,6 +172,7 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
             work_dir,
             JobCallbacks(ctx, claim, heartbeat, model_name),
             resume_from=storage.local_path(resume.storage_key) if resume else None,
+            init_adapter=init_adapter,
         )
         if result.stopped == "pause":
             _release_paused(ctx, claim, result.n_steps)
@@ -191,6 +196,28 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         log.exception("job %s failed unexpectedly", claim.job_id)
         _fail(ctx, claim, "internal_error", f"Training failed unexpectedly: {type(exc).__name__}: {exc}")
     return "failed"
+
+
+def _continue_from(ctx: WorkerContext, job: Job) -> tuple[dict, Path]:
+    """Options with the parent adapter's LoRA shape, and the adapter to start from."""
+    with ctx.sessionmaker() as session:
+        parent = session.scalar(
+            select(FineTunedModel).where(
+                FineTunedModel.id == job.parent_model, FineTunedModel.project_id == job.project_id
+            )
+        )
+    if parent is None:
+        raise TrainingError("model_not_found", f"The model {job.parent_model} this job continues from was deleted.",
+                            param="model")  # fmt: skip
+    adapter = ctx.storage.local_path(parent.storage_key)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    shape = {
+        "lora_r": config["r"],
+        "lora_alpha": config["lora_alpha"],
+        "target_modules": sorted(config["target_modules"]),
+        "use_rslora": bool(config.get("use_rslora", False)),
+    }
+    return {**job.options, **shape}, adapter
 
 
 def _fail(ctx: WorkerContext, claim: Claim, code: str, message: str, param: str | None = None) -> None:

@@ -31,6 +31,8 @@ ENGINE_OPTIONS = frozenset(TrainingSpec.__dataclass_fields__) - {"learning_rate"
     "alpha",
     "dropout",
 }
+# A job that continues from a fine-tuned model keeps that adapter's shape.
+LORA_SHAPE_OPTIONS = frozenset({"lora_r", "r", "lora_alpha", "alpha", "target_modules", "use_rslora"})
 # Which data formats each method trains on.
 METHOD_FORMATS = {"supervised": ("chat", "prompt_completion")}
 
@@ -140,6 +142,12 @@ def create_job(
     _check_metadata(request.metadata)
     method, options = _requested_options(request)
     base, parent = _resolve_model(session, project, registry, request.model)
+    if parent is not None:
+        for key in LORA_SHAPE_OPTIONS & options.keys():
+            raise InvalidRequest(
+                f"{key} cannot be set when continuing from {parent}: the LoRA shape is the model's own.",
+                param=f"hyperparameters.{key}",
+            )
     training, validation = _check_training_files(session, project, request, method)
     seed = request.seed if request.seed is not None else DEFAULT_SEED
     # The same resolution the worker will do, so out-of-range values fail now rather than in the job.

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 from sqlalchemy import func, select, update
 
 from app.db import session_scope
@@ -179,7 +180,7 @@ def test_pause_then_resume_continues_from_the_checkpoint(client, ctx, sessionmak
     messages = event_messages(sessionmaker, job_id)
     assert f"Fine-tuning job resumed from step {paused_at} (attempt 2)" in messages
     # The resumed run reported only the steps after the checkpoint.
-    resumed_steps = [m for m in messages[messages.index("Fine-tuning job resumed"):] if m.startswith("Step ")]
+    resumed_steps = [m for m in messages[messages.index("Fine-tuning job resumed") :] if m.startswith("Step ")]
     assert resumed_steps[0].startswith(f"Step {paused_at + 1}/100")
 
 
@@ -191,3 +192,32 @@ def test_training_errors_fail_the_job_with_an_actionable_code(client, ctx, creat
     assert job["error"]["message"] and job["fine_tuned_model"] is None
     events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
     assert events[0]["level"] == "error"
+
+
+def test_continuing_from_a_fine_tuned_model_starts_from_its_adapter(client, ctx, sessionmaker, create_job):
+    from safetensors.torch import load_file
+
+    parent_job = create_job(lora_r=4)
+    assert run_job(ctx, parent_job) == "succeeded"
+    parent = client.get(f"/v1/fine_tuning/jobs/{parent_job}").json()["fine_tuned_model"]
+
+    r = client.post("/v1/fine_tuning/jobs", json={"model": parent, "training_file": job_row(sessionmaker, parent_job)
+                                                  .training_file, "lora_r": 8})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "hyperparameters.lora_r"
+
+    # A vanishing learning rate: the child ends where it started, which must be the parent's weights.
+    child_job = create_job(model=parent, hyperparameters={"n_epochs": 1, "batch_size": 4,
+                                                          "learning_rate_multiplier": 1e-9})  # fmt: skip
+    assert run_job(ctx, child_job) == "succeeded"
+    child = client.get(f"/v1/fine_tuning/jobs/{child_job}").json()
+    assert child["model"] == parent and child["hyperparameters"]["lora_r"] == 4
+    with sessionmaker() as session:
+        keys = dict(session.execute(select(FineTunedModel.id, FineTunedModel.storage_key)
+                                    .where(FineTunedModel.step_number.is_(None))).all())  # fmt: skip
+    before = load_file(ctx.storage.local_path(keys[parent]) / "adapter_model.safetensors")
+    after = load_file(ctx.storage.local_path(keys[child["fine_tuned_model"]]) / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    lora_b = [k for k in before if "lora_B" in k]
+    assert lora_b and any(before[k].abs().max() > 0 for k in lora_b)  # the parent learned something
+    for key in before:
+        assert torch.allclose(before[key], after[key], atol=1e-6), key

@@ -56,6 +56,12 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, progress
     return write_atomically(root / checkpoint_name(step), write)
 
 
+def load_adapter_weights(model, adapter_dir: Path) -> None:
+    """Set the LoRA weights of `model` from a saved adapter (safetensors only) of the same shape."""
+    device = next(p.device for p in model.parameters())
+    set_peft_model_state_dict(model, load_file(Path(adapter_dir) / ADAPTER_WEIGHTS, device=str(device)))
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG from `path`; return the saved progress dict."""
     path = Path(path)
@@ -64,8 +70,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     # weights_only=False: the file is the engine's own (never user-supplied) and holds NumPy's RNG state,
     # which the weights-only unpickler refuses.
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    device = next(p.device for p in model.parameters())
-    set_peft_model_state_dict(model, load_file(path / ADAPTER_WEIGHTS, device=str(device)))
+    load_adapter_weights(model, path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

@@ -20,7 +20,7 @@ import torch
 
 from worker.training.attention import SEGMENT_ATTENTION
 from worker.training.callbacks import TrainingCallbacks
-from worker.training.checkpoint import load_checkpoint, save_checkpoint, write_atomically
+from worker.training.checkpoint import load_adapter_weights, load_checkpoint, save_checkpoint, write_atomically
 from worker.training.data import TokenizedDataset, TokenizedExample, load_dataset
 from worker.training.errors import TrainingError
 from worker.training.loss import loss_sums
@@ -183,12 +183,15 @@ def train(
     output_dir: Path,
     callbacks: TrainingCallbacks | None = None,
     resume_from: Path | None = None,
+    init_adapter: Path | None = None,
 ) -> TrainingResult:
     """Train a LoRA adapter and return a `TrainingResult`.
 
     `base_model` is an `app.ml.registry.BaseModelInfo` or a local model directory / hub id. Checkpoints go to
     `output_dir/checkpoints/checkpoint-NNNNNN`, the final adapter to `output_dir/adapter`. With `resume_from`
     (a checkpoint dir of a run with the same spec and data) training continues exactly where it stopped.
+    With `init_adapter` (a saved adapter of the same LoRA shape) training starts from its weights instead of
+    a fresh LoRA initialisation: continuing to fine-tune a fine-tuned model.
     Raises `TrainingError` for conditions the user can fix (no example fits, NaN loss, ...).
     """
     from transformers import AutoTokenizer
@@ -220,6 +223,8 @@ def train(
 
     _seed_everything(spec.seed)
     model = build_lora_model(load_base_model(name_or_path, device, dtype), spec)
+    if init_adapter is not None:
+        load_adapter_weights(model, init_adapter)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay)
