@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceParseError
 
@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
     max_job_attempts: int = Field(default=3, ge=1)
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=24 * 3600)
+
+    @field_validator("job_heartbeat_seconds")
+    @classmethod
+    def _heartbeat_within_lease(cls, value: float, info):
+        lease = info.data.get("job_lease_seconds")
+        if lease is not None and value * 2 > lease:
+            raise ValueError(f"must be at most half of TUNESERVE_JOB_LEASE_SECONDS ({lease}), so one late beat is safe")
+        return value
 
     @property
     def database_url_resolved(self) -> str:

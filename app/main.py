@@ -41,10 +41,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             app.state.inference.start()
         # Re-drive what the broker may have lost while nothing was running; off the start-up path.
-        threading.Thread(
+        reconciling = threading.Thread(
             target=reconcile, args=(app.state.sessionmaker, app.state.dispatcher, settings), daemon=True
-        ).start()
+        )
+        reconciling.start()
         yield
+        reconciling.join(timeout=10)  # it uses the engine disposed below
         if app.state.inference is not None:
             app.state.inference.stop()
         app.state.dispatcher.close()

@@ -47,6 +47,13 @@ def test_invalid_setting_is_one_line_naming_the_variable(monkeypatch, name, valu
     assert f"TUNESERVE_{name}" in message and "\n" not in message
 
 
+def test_heartbeat_must_fit_in_the_lease(monkeypatch):
+    monkeypatch.setenv("TUNESERVE_JOB_LEASE_SECONDS", "10")
+    monkeypatch.setenv("TUNESERVE_JOB_HEARTBEAT_SECONDS", "6")
+    with pytest.raises(SettingsError, match="TUNESERVE_JOB_HEARTBEAT_SECONDS"):
+        load_settings()
+
+
 def test_cli_reports_invalid_setting_and_exits_2(tmp_path):
     result = run_cli("migrate", data_dir=tmp_path, env_extra={"TUNESERVE_PORT": "x"})
     assert result.returncode == 2
