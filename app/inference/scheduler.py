@@ -2,7 +2,8 @@
 
 Policies (how waiting requests enter the batch):
 - "continuous" (default): between any two decode steps, waiting requests fill free rows of the batch; a finished
-  or cancelled row frees its place at once. Requests of any adapter mix in one batch.
+  or cancelled row frees its place at once. Requests of any adapter mix in one batch. A newcomer that cannot fill
+  the free rows waits at most `join_wait_steps` decode steps for company, so joins share one prefill forward.
 - "static": a batch is admitted only when the previous one has fully finished (batching per `generate` call).
 - "per_adapter": static batches of one adapter at a time (the classic PEFT server that switches adapters between
   batches); kept to measure the others against.
@@ -38,6 +39,7 @@ class BatchScheduler:
         max_batch_size: int,
         policy: str = "continuous",
         max_prefill_tokens: int = 16384,
+        join_wait_steps: int = 2,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; one of {POLICIES}")
@@ -47,6 +49,8 @@ class BatchScheduler:
         self._max_batch_size = max_batch_size
         self._policy = policy
         self._max_prefill_tokens = max_prefill_tokens
+        self._join_wait_steps = join_wait_steps
+        self._steps = 0  # decode steps so far: the clock of join_wait_steps
         self._cond = threading.Condition()
         self._waiting: deque[PendingRequest] = deque()
         self._rows: list[Sequence] = []
@@ -79,6 +83,7 @@ class BatchScheduler:
             if self._stopping:
                 self._fail(pending, ServiceUnavailable("The inference engine is shutting down", code="engine_stopped"))
                 return
+            pending.enqueued_at_step = self._steps
             self._waiting.append(pending)
             self._metrics.add("queue_depth", 1)
             self._cond.notify()
@@ -111,14 +116,23 @@ class BatchScheduler:
 
     def _admissions(self) -> list[PendingRequest]:
         """Waiting requests to prefill now, by policy, within the batch size and the prefill token budget."""
-        if self._policy != "continuous" and self._rows:
+        if not self._waiting or (self._policy != "continuous" and self._rows):
+            return []
+        free = self._max_batch_size - len(self._rows)
+        if (
+            self._rows
+            and len(self._waiting) < free
+            and self._steps - self._waiting[0].enqueued_at_step < self._join_wait_steps
+        ):
+            # Joining costs a prefill forward; requests that arrive a few at a time (clients answering each other's
+            # completions) join together a step or two later instead of one prefill each.
             return []
         candidates = list(self._waiting)
         if self._policy == "per_adapter" and candidates:
             candidates = [p for p in candidates if p.slot == candidates[0].slot]
         chosen: list[PendingRequest] = []
         width = 0
-        for pending in candidates[: self._max_batch_size - len(self._rows)]:
+        for pending in candidates[:free]:
             width = max(width, len(pending.request.prompt_ids))
             # The padded prefill holds rows x longest prompt tokens; one request always fits.
             if chosen and (len(chosen) + 1) * width > self._max_prefill_tokens:
@@ -182,6 +196,8 @@ class BatchScheduler:
         tokens = torch.tensor([[row.last_token] for row in rows], dtype=torch.long, device=runtime.device)
         positions = torch.tensor([[row.position] for row in rows], dtype=torch.long, device=runtime.device)
         logits = self._kv.decode(runtime, tokens, positions)
+        with self._cond:
+            self._steps += 1
         self._metrics.observe_batch(len(rows))
         for row in rows:
             row.position += 1

@@ -20,6 +20,7 @@ class PendingRequest:
     request: GenerationRequest
     handle: GenerationHandle
     entry: AdapterEntry | None  # pinned cache entry, None for the base model
+    enqueued_at_step: int = 0  # the scheduler's decode-step count when it arrived
 
     @property
     def slot(self) -> int:
