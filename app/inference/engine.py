@@ -31,8 +31,9 @@ class InferenceEngine:
     `max_batch_size` bounds the rows decoded together; `max_adapters` and `max_adapter_bytes` bound the resident
     adapters (LRU); `max_lora_rank` refuses larger adapters; `scheduling` is "continuous" (default), "static" or
     "per_adapter" (see `app.inference.scheduler`); `max_prefill_tokens` bounds one padded prefill (rows x longest
-    prompt); `loader_threads` read base models and adapters off the event
-    loop; `device`/`dtype` override the automatic choice (CUDA bf16 if present, else CPU float32).
+    prompt); `join_wait_steps` is how many decode steps a newcomer may wait to join a running batch together with
+    others; `loader_threads` read base models and adapters off the event loop; `device`/`dtype` override the
+    automatic choice (CUDA bf16 if present, else CPU float32).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class InferenceEngine:
         max_lora_rank: int = 64,
         scheduling: str = "continuous",
         max_prefill_tokens: int = 16384,
+        join_wait_steps: int = 2,
         loader_threads: int = 2,
         device=None,
         dtype=None,
@@ -56,6 +58,7 @@ class InferenceEngine:
         self._max_lora_rank = max_lora_rank
         self._scheduling = scheduling
         self._max_prefill_tokens = max_prefill_tokens
+        self._join_wait_steps = join_wait_steps
         self._device, self._dtype = device, dtype
         self._metrics = EngineMetrics()
         self._cache = AdapterCache(self._metrics, max_adapters=max_adapters, max_bytes=max_adapter_bytes)
@@ -107,6 +110,7 @@ class InferenceEngine:
                 max_batch_size=self._max_batch_size,
                 policy=self._scheduling,
                 max_prefill_tokens=self._max_prefill_tokens,
+                join_wait_steps=self._join_wait_steps,
             )
             with self._lock:
                 self._schedulers[base_model] = scheduler
