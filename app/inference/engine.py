@@ -83,8 +83,11 @@ class InferenceEngine:
         """Stop the scheduler threads; requests still waiting or running end with a ServiceUnavailable error."""
         with self._lock:
             self._stopped = True
-            schedulers = list(self._schedulers.values()) if self._started else []
-        self._loader.shutdown(wait=True, cancel_futures=True)
+        # Loads in flight finish and hand their requests to a scheduler, which then fails them: no handle is left
+        # without a last event.
+        self._loader.shutdown(wait=True)
+        with self._lock:
+            schedulers = list(self._schedulers.values())
         for scheduler in schedulers:
             scheduler.stop()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.inference.conftest import collect, request, run_one_by_one, run_together
 
 PROMPTS = ["hello", "the quick brown fox jumps", "a", "LoRA adapters, many of them, in one batch!", "xyz " * 9]
@@ -98,3 +100,21 @@ def test_a_request_cancelled_before_admission_costs_no_prefill(make_engine, toke
     (text, finished), _ = asyncio.run(main())
     assert (text, finished.finish_reason, finished.completion_tokens) == ("", "cancelled", 0)
     assert engine.metrics()["prefills_total"] == 1
+
+
+def test_stop_ends_running_and_waiting_requests_with_an_error(registry, tokenizer, adapters):
+    from app.errors import ServiceUnavailable
+    from app.inference import InferenceEngine, TextDelta
+
+    engine = InferenceEngine(registry, max_batch_size=1)
+    engine.start()
+    running = engine.submit(request(tokenizer, "long", adapters[0], max_tokens=1500))
+    assert isinstance(next(iter(running)), TextDelta)  # plain iteration works from a thread too
+    waiting = engine.submit(request(tokenizer, "queued", max_tokens=5))
+    engine.stop()
+    for handle in (running, waiting):
+        with pytest.raises(ServiceUnavailable):
+            list(handle)
+    assert engine.metrics()["requests_failed_total"] == 2
+    with pytest.raises(ServiceUnavailable):
+        engine.submit(request(tokenizer, "late"))
