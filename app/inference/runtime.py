@@ -33,6 +33,9 @@ class BaseModelRuntime:
         self.name = info.name
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(info.name_or_path, trust_remote_code=False)
+            # The scheduler thread detokenizes with its own instance: a fast tokenizer shared across threads can
+            # fail with "Already borrowed" when one thread's call changes its settings while another uses it.
+            self.decode_tokenizer = AutoTokenizer.from_pretrained(info.name_or_path, trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(
                 info.name_or_path,
                 dtype=self.dtype,

@@ -148,7 +148,7 @@ class BatchScheduler:
         live = []
         for pending in group:
             if pending.handle.cancelled:
-                self._done(Sequence(pending, runtime.tokenizer, [], runtime.device), cancelled=True)
+                self._done(Sequence(pending, runtime.decode_tokenizer, [], runtime.device), cancelled=True)
             else:
                 live.append(pending)
         if not live:
@@ -176,10 +176,10 @@ class BatchScheduler:
             if entry is not None and not entry.installed:
                 runtime.lora.install(entry.slot, entry.rank, entry.weights.modules)
                 entry.installed, entry.weights = True, None
-        rows = [Sequence(pending, runtime.tokenizer, runtime.stop_ids, runtime.device) for pending in live]
+        rows = [Sequence(pending, runtime.decode_tokenizer, runtime.stop_ids, runtime.device) for pending in live]
         prompts = [pending.request.prompt_ids for pending in live]
         width = max(len(p) for p in prompts)
-        pad = runtime.tokenizer.pad_token_id or 0
+        pad = runtime.decode_tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=runtime.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=runtime.device)
         # Each row counts positions from its first real token, exactly as it would alone.
