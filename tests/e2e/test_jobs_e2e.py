@@ -12,9 +12,9 @@ import pytest
 from tests.datasets.samples import valid_chat_file
 from tests.e2e.conftest import Stack, published_models, start_job, wait_terminal, wait_until
 from tests.e2e.server import LiveServer, RedisServer
-from worker.celery_app import TRAINING_QUEUE
 
 pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("stack_fixture", ["pg_stack", "sqlite_stack"])
 def test_full_path_with_the_sdk(request, stack_fixture):
@@ -119,7 +119,3 @@ def test_twenty_concurrent_creates_with_one_key_make_one_job(pg_stack):
         )
         assert replay.id in created
         assert [j.id for j in sdk.fine_tuning.jobs.list()] == [replay.id]
-
-
-def test_queue_is_the_dedicated_training_queue():
-    assert TRAINING_QUEUE == "training"
