@@ -134,13 +134,12 @@ def test_pause_then_resume_equals_an_uninterrupted_run(tiny, files, tmp_path):
     resumed = train(spec, files[0], files[1], tiny, tmp_path / "run", resume_from=paused.last_checkpoint)
 
     assert resumed.stopped is None and resumed.n_steps == 8
-    expected, actual = adapter_tensors(straight.adapter_dir), adapter_tensors(resumed.adapter_dir)
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-8)
+    # Identical bytes, not merely close: the same optimizer, scheduler and RNG state continue the same float
+    # operations in the same order (CPU, fp32).
+    adapter_file = "adapter_model.safetensors"
+    assert (resumed.adapter_dir / adapter_file).read_bytes() == (straight.adapter_dir / adapter_file).read_bytes()
     assert [r["step"] for r in resumed.metrics_rows] == list(range(1, 9))
-    for a, b in zip(resumed.metrics_rows, straight.metrics_rows, strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+    assert resumed.metrics_rows == straight.metrics_rows
     assert resumed.trained_tokens == straight.trained_tokens
 
 
