@@ -12,10 +12,13 @@ import torch
 from sqlalchemy import func, select, update
 
 from app.db import session_scope
-from app.tables import File, FineTunedModel, Job, JobCheckpoint
+from app.tables import File, FineTunedModel, Job, JobCheckpoint, JobEvent
 from tests.jobs.conftest import event_messages, job_row, wait_for
-from worker.leases import claim_job, fence, reconcile
-from worker.runner import run_job
+from worker.heartbeat import Heartbeat
+from worker.leases import LeaseLost, claim_job, fence, reconcile
+from worker.publish import publish
+from worker.runner import JobCallbacks, run_job
+from worker.training.loop import TrainingResult
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +123,55 @@ def test_a_stale_worker_can_write_nothing(ctx, sessionmaker, create_job, setting
     assert "The job's worker stopped responding; re-queued to resume from its last checkpoint" in event_messages(
         sessionmaker, job_id
     )
+
+    # The stale worker now does everything a finishing worker does; none of it may land.
+    before = database_snapshot(sessionmaker), storage_snapshot(ctx)
+    with sessionmaker() as session:
+        published = session.scalar(
+            select(FineTunedModel).where(FineTunedModel.job_id == job_id, FineTunedModel.step_number.is_(None))
+        )
+    adapter_dir = ctx.storage.local_path(published.storage_key)
+    heartbeat = Heartbeat(ctx, stale)  # not started: the callbacks only read and set its fields
+    callbacks = JobCallbacks(ctx, stale, heartbeat, published.id)
+    callbacks.on_metrics({"step": 10, "train_loss": 1.0, "train_mean_token_accuracy": 0.5})
+    callbacks.on_progress(10, 10, 0.0)  # the last step flushes the metrics event
+    assert heartbeat.stop_request == "cancel"
+    heartbeat.stop_request = None
+    callbacks.on_checkpoint(7, adapter_dir, {"step": 7, "train_loss": 1.0})
+    assert heartbeat.stop_request == "cancel"
+    result = TrainingResult(
+        adapter_dir=adapter_dir,
+        metrics_rows=[{"step": 1, "train_loss": 1.0}],
+        trained_tokens=1,
+        supervised_tokens=1,
+        n_steps=1,
+        total_steps=1,
+        stopped=None,
+        spec={},
+        n_examples=1,
+        n_dropped_too_long=0,
+        n_truncated=0,
+        n_dropped_no_supervised=0,
+    )
+    with pytest.raises(LeaseLost):
+        publish(ctx, stale, result)
+    assert (database_snapshot(sessionmaker), storage_snapshot(ctx)) == before
+
+
+def database_snapshot(sessionmaker) -> dict:
+    """Every row a worker may write, as plain values."""
+    with sessionmaker() as session:
+        return {
+            model.__tablename__: sorted(
+                tuple(str(getattr(row, column.key)) for column in model.__table__.columns)
+                for row in session.scalars(select(model))
+            )
+            for model in (Job, JobEvent, JobCheckpoint, FineTunedModel, File)
+        }
+
+
+def storage_snapshot(ctx) -> list[str]:
+    return sorted(str(p.relative_to(ctx.storage.root)) for p in ctx.storage.root.rglob("*") if p.is_file())
 
 
 def test_gives_up_after_max_attempts(sessionmaker, create_job, settings, client):
