@@ -273,3 +273,21 @@ def test_continuing_from_a_fine_tuned_model_starts_from_its_adapter(client, ctx,
     assert lora_b and any(before[k].abs().max() > 0 for k in lora_b)  # the parent learned something
     for key in before:
         assert torch.allclose(before[key], after[key], atol=1e-6), key
+
+
+def test_a_child_job_whose_parent_model_was_deleted_fails_clearly(client, ctx, sessionmaker, create_job):
+    parent_job = create_job()
+    assert run_job(ctx, parent_job) == "succeeded"
+    parent = client.get(f"/v1/fine_tuning/jobs/{parent_job}").json()["fine_tuned_model"]
+    child_job = create_job(model=parent)  # accepted while the parent exists ...
+    assert client.delete(f"/v1/models/{parent}").json()["deleted"] is True  # ... which is gone before it runs
+
+    assert run_job(ctx, child_job) == "failed"
+    child = client.get(f"/v1/fine_tuning/jobs/{child_job}").json()
+    assert child["error"] == {
+        "code": "model_not_found",
+        "message": f"The model {parent} this job continues from was deleted.",
+        "param": "model",
+    }
+    assert child["fine_tuned_model"] is None
+    assert count(sessionmaker, FineTunedModel, job_id=child_job) == 0
