@@ -16,18 +16,30 @@ def build_random_adapter(
     alpha: int = 16,
     target_modules: str | list[str] = "all-linear",
     std: float = 0.05,
+    use_rslora: bool = False,
+    alpha_pattern: dict[str, float] | None = None,
+    rank_pattern: dict[str, int] | None = None,
     base_model=None,
 ) -> Path:
     """Write a PEFT LoRA adapter of the model at `base_dir` into `out_dir` (safetensors) and return `out_dir`.
 
-    `base_model` may be a loaded copy to reuse (PEFT wraps it in place, so it is unloaded again afterwards).
+    `use_rslora`, `alpha_pattern` and `rank_pattern` are passed to `LoraConfig` as they are (per-module alpha and
+    rank overrides keyed by module-name patterns). `base_model` may be a loaded copy to reuse (PEFT wraps it in
+    place, so it is unloaded again afterwards).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = base_model or AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, task_type="CAUSAL_LM"
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=target_modules,
+        lora_dropout=0.0,
+        use_rslora=use_rslora,
+        alpha_pattern=alpha_pattern or {},
+        rank_pattern=rank_pattern or {},
+        task_type="CAUSAL_LM",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
