@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from sqlalchemy import select
 
+from app.tables import FineTunedModel, JobCheckpoint
 from worker.runner import run_job
 
 pytestmark = pytest.mark.slow
@@ -13,9 +16,44 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def fine_tuned_model(client, ctx, create_job) -> str:
-    job_id = create_job(suffix="serve")
+    job_id = create_job(suffix="serve", n_checkpoints=2)
     assert run_job(ctx, job_id) == "succeeded"
     return client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["fine_tuned_model"]
+
+
+def adapter_path(ctx, model: str, checkpoint_step: int | None = None):
+    """The adapter the job wrote: the published one, or a checkpoint's as the job's checkpoint row records it."""
+    with ctx.sessionmaker() as session:
+        published = session.scalar(select(FineTunedModel).where(FineTunedModel.id == model))
+        key = published.storage_key
+        if checkpoint_step is not None:
+            key = session.scalar(
+                select(JobCheckpoint.storage_key).where(
+                    JobCheckpoint.job_id == published.job_id, JobCheckpoint.step_number == checkpoint_step
+                )
+            )
+    return ctx.storage.local_path(key)
+
+
+def peft_greedy(ctx, adapter, messages: list[dict], max_tokens: int) -> str:
+    """What PEFT's own `generate` answers with this adapter (None: the base model), greedy: the reference the
+    served answer must equal."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.ml.chat import end_of_turn_ids, render_chat_prompt
+
+    base_dir = ctx.registry.resolve("tuneserve-tiny").name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    stops = end_of_turn_ids(tokenizer) | {tokenizer.eos_token_id}
+    prompt = torch.tensor([render_chat_prompt(messages, tokenizer)])
+    with torch.no_grad():
+        output = model.generate(prompt, max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(stops))
+    new = [t for t in output[0, prompt.shape[1] :].tolist() if t not in stops]
+    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def sse_events(response) -> list:
@@ -50,10 +88,49 @@ def test_chat_on_a_fine_tuned_model_and_seeds(client, fine_tuned_model):
     assert first.json()["choices"][0]["message"]["role"] == "assistant"
 
 
+def chat_text(client, model: str, messages: list[dict], max_tokens: int) -> str:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_fine_tuned_models_and_their_checkpoints_answer_as_peft_does(client, ctx, fine_tuned_model):
+    """The served answer is PEFT's answer with that model's own adapter, and the adapters make a difference."""
+    messages = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "What is 7 plus 7?"}]
+    checkpoint = f"{fine_tuned_model}:ckpt-step-5"
+    served = {
+        model: chat_text(client, model, messages, 16) for model in ("tuneserve-tiny", fine_tuned_model, checkpoint)
+    }
+    expected = {
+        "tuneserve-tiny": peft_greedy(ctx, None, messages, 16),
+        fine_tuned_model: peft_greedy(ctx, adapter_path(ctx, fine_tuned_model), messages, 16),
+        checkpoint: peft_greedy(ctx, adapter_path(ctx, fine_tuned_model, checkpoint_step=5), messages, 16),
+    }
+    assert served == expected
+    assert len(set(served.values())) == 3, served  # base, step 5 and step 10 each answer differently
+
+
 def test_n_and_prompt_lists(client):
-    r = client.post("/v1/completions", json={"model": "tuneserve-tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 3,
-                                             "seed": 1})  # fmt: skip
-    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+    """Choices come prompt by prompt, n each; choice j of a prompt is that prompt sampled with seed + j."""
+    body = {"model": "tuneserve-tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 8, "seed": 1, "echo": True}
+    r = client.post("/v1/completions", json=body)
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    texts = [c["text"] for c in choices]
+
+    def alone(prompt: str, seed: int) -> str:
+        single = {**body, "prompt": prompt, "n": 1, "seed": seed}
+        return client.post("/v1/completions", json=single).json()["choices"][0]["text"]
+
+    assert texts == [alone("a", 1), alone("a", 2), alone("b", 1), alone("b", 2)]
+    assert texts[0].startswith("a") and texts[2].startswith("b")  # echo shows which prompt each answers
+    assert texts[0] != texts[1] and texts[2] != texts[3]  # the n samples of one prompt differ
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == sum(
+        client.post("/v1/completions", json={**body, "prompt": p, "n": 1}).json()["usage"]["prompt_tokens"]
+        for p in ("a", "b")
+    )
 
 
 def test_streaming_chat_with_usage(client, fine_tuned_model):
@@ -123,7 +200,25 @@ def test_deleted_and_foreign_models_are_404(app_client, client, fine_tuned_model
     assert client.post("/v1/chat/completions", json=chat).status_code == 404
 
 
-def test_metrics_include_the_engine(client):
-    client.post("/v1/completions", json={"model": "tuneserve-tiny", "prompt": "hi", "max_tokens": 2})
-    text = client.get("/metrics").text
-    assert "tuneserve_inference_" in text
+def metric(text: str, name: str) -> float:
+    [value] = [float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name]
+    return value
+
+
+def test_metrics_count_what_the_engine_did(client, fine_tuned_model):
+    names = [
+        f"tuneserve_inference_{name}_total" for name in ("requests", "prefills", "generated_tokens", "adapter_loads")
+    ]
+    before = {name: metric(client.get("/metrics").text, name) for name in names}
+    completion = {"prompt": "hi", "max_tokens": 3, "temperature": 0}
+    r = client.post("/v1/completions", json={"model": "tuneserve-tiny", **completion})
+    tokens = r.json()["usage"]["completion_tokens"]
+    r = client.post("/v1/completions", json={"model": fine_tuned_model, **completion})
+    tokens += r.json()["usage"]["completion_tokens"]
+    after = {name: metric(client.get("/metrics").text, name) for name in names}
+    assert {name: after[name] - before[name] for name in names} == {
+        "tuneserve_inference_requests_total": 2,
+        "tuneserve_inference_prefills_total": 2,
+        "tuneserve_inference_generated_tokens_total": tokens,
+        "tuneserve_inference_adapter_loads_total": 1,
+    }
