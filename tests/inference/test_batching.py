@@ -36,24 +36,41 @@ def test_mixed_adapter_batch_equals_one_at_a_time(make_engine, tokenizer, adapte
     assert len(set(texts)) == len(texts)
 
 
-def test_requests_join_a_running_batch_and_match_alone(make_engine, tokenizer, adapters):
-    engine = make_engine(max_batch_size=4)
-    first = request(tokenizer, "a long running request", adapters[0], max_tokens=40)
+@pytest.mark.parametrize("scheduling", ["continuous", "static"])
+def test_requests_join_a_running_batch_and_match_alone(make_engine, tokenizer, adapters, scheduling):
+    engine = make_engine(max_batch_size=4, scheduling=scheduling)
+    # min_tokens: the first request runs all 40 steps whatever it samples, so the others are short beside it.
+    first = request(tokenizer, "a long running request", adapters[0], max_tokens=40, min_tokens=40)
     later = [request(tokenizer, PROMPTS[i], [None, *adapters][i], max_tokens=6 + 3 * i) for i in range(5)]
+    finish_order = []  # indexes into [first, *later], in the order their Finished events arrived
+
+    async def finish(index, handle, head=""):
+        text, finished = await collect(handle)
+        finish_order.append(index)
+        return head + text, finished
 
     async def main():
         handle = engine.submit(first)
         events = handle.__aiter__()
         head = await events.__anext__()  # the first request is decoding when the others arrive
         handles = [engine.submit(r) for r in later]
-        rest_text, finished = await collect(handle)
-        return (head.text + rest_text, finished), await asyncio.gather(*(collect(h) for h in handles))
+        return await asyncio.gather(
+            finish(0, handle, head.text), *(finish(i, h) for i, h in enumerate(handles, start=1))
+        )
 
-    first_result, later_results = asyncio.run(main())
+    results = asyncio.run(main())
     alone = run_one_by_one(make_engine(max_batch_size=1), [first, *later])
-    assert [first_result, *later_results] == alone
+    assert results == alone
+    assert results[0][1].completion_tokens == 40
     metrics = engine.metrics()
     assert metrics["batch_size_bucket_le_1"] < metrics["batch_size_count"]  # some steps held several rows
+    # Only continuous admission lets a request that arrives mid-decode join the running batch: the base-model
+    # request (6 tokens, no adapter to load) then finishes long before the 40-token request it joined. A static
+    # batch admits nobody until the running one is done, so the first request finishes before every later one.
+    if scheduling == "continuous":
+        assert finish_order.index(1) < finish_order.index(0), finish_order
+    else:
+        assert finish_order[0] == 0, finish_order
 
 
 def test_static_and_per_adapter_policies_give_the_same_outputs(make_engine, tokenizer, adapters):
