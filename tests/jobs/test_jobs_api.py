@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select, update
 
-from app.tables import Job
+from app.services.jobs import add_event
+from app.tables import Job, JobCheckpoint, JobEvent
 from tests.datasets.samples import jsonl, preference_example, prompt_completion_example, valid_chat_file
 
 JOB_KEYS = {
@@ -16,9 +17,7 @@ JOB_KEYS = {
 
 
 def upload(client, body: bytes = None, purpose: str = "fine-tune") -> str:
-    r = client.post(
-        "/v1/files", data={"purpose": purpose}, files={"file": ("t.jsonl", body or valid_chat_file(12))}
-    )
+    r = client.post("/v1/files", data={"purpose": purpose}, files={"file": ("t.jsonl", body or valid_chat_file(12))})
     assert r.status_code == 200, r.text
     return r.json()["id"]
 
@@ -152,6 +151,102 @@ def test_events_pagination(client, training_file):
     assert checkpoints == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
 
 
+def walk(client, path: str, limit: int) -> tuple[list[str], list[dict]]:
+    """Every id of a list, following `after` page by page; and the pages as returned."""
+    ids, pages, after = [], [], None
+    while True:
+        params = {"limit": limit, **({"after": after} if after else {})}
+        r = client.get(path, params=params)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        pages.append(page)
+        ids += [item["id"] for item in page["data"]]
+        if not page["has_more"]:
+            return ids, pages
+        assert len(page["data"]) == limit and len(pages) < 50
+        after = page["data"][-1]["id"]
+
+
+def add_checkpoints(sessionmaker, job_id: str, steps: range, tag: str) -> list[str]:
+    """Checkpoint rows as the worker writes them, oldest first. Their ids sort the other way round, so a list
+    ordered or cut by id instead of by insertion shows."""
+    ids = [f"ftckpt_{tag}{99 - step:02d}" for step in steps]
+    with sessionmaker() as session:
+        for checkpoint_id, step in zip(ids, steps, strict=True):
+            session.add(
+                JobCheckpoint(
+                    id=checkpoint_id,
+                    job_id=job_id,
+                    step_number=step,
+                    metrics={"step": step, "train_loss": 1.0 / step},
+                    fine_tuned_model_checkpoint=f"ft:tuneserve-tiny:alpha::x:ckpt-step-{step}",
+                    storage_key=f"checkpoints/{job_id}/{step}",
+                    created_at=1_700_000_000,  # one second for all: the order cannot come from the time
+                )
+            )
+            session.flush()
+        session.commit()
+    return ids
+
+
+@pytest.mark.parametrize("limit", [1, 3, 4, 100])
+def test_events_after_cursor_walks_every_event_once_newest_first(client, training_file, sessionmaker, limit):
+    job_id = create(client, training_file=training_file).json()["id"]
+    with sessionmaker() as session:
+        for i in range(9):
+            add_event(session, job_id, f"Step {i}/9: training loss=0.5")
+            session.flush()
+        session.commit()
+        expected = list(
+            session.scalars(select(JobEvent.id).where(JobEvent.job_id == job_id).order_by(JobEvent.seq.desc()))
+        )
+    assert len(expected) == 12
+    ids, pages = walk(client, f"/v1/fine_tuning/jobs/{job_id}/events", limit)
+    assert ids == expected
+    assert [p["has_more"] for p in pages] == [True] * (len(pages) - 1) + [False]
+    assert len(pages) == max(1, -(-len(expected) // limit))
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 7, 10])
+def test_checkpoints_after_cursor_walks_every_checkpoint_once_newest_first(client, training_file, sessionmaker, limit):
+    job_id = create(client, training_file=training_file).json()["id"]
+    other_job = create(client, training_file=training_file).json()["id"]
+    ids = add_checkpoints(sessionmaker, job_id, range(1, 8), "a")
+    add_checkpoints(sessionmaker, other_job, range(1, 4), "b")  # interleaved in the table, never listed here
+    walked, pages = walk(client, f"/v1/fine_tuning/jobs/{job_id}/checkpoints", limit)
+    assert walked == ids[::-1]
+    for page in pages:
+        assert page["object"] == "list"
+        assert page["first_id"] == page["data"][0]["id"] and page["last_id"] == page["data"][-1]["id"]
+        assert all(c["fine_tuning_job_id"] == job_id for c in page["data"])
+    steps = [c["step_number"] for page in pages for c in page["data"]]
+    assert steps == list(range(7, 0, -1))
+    assert [p["has_more"] for p in pages] == [True] * (len(pages) - 1) + [False]
+
+
+def test_a_bad_or_foreign_after_cursor_is_404_on_after(client, training_file, sessionmaker):
+    job_id = create(client, training_file=training_file).json()["id"]
+    other_job = create(client, training_file=training_file).json()["id"]
+    own_checkpoint = add_checkpoints(sessionmaker, job_id, range(1, 3), "a")[0]
+    foreign_checkpoint = add_checkpoints(sessionmaker, other_job, range(1, 3), "b")[0]
+    own_event = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"][0]["id"]
+    foreign_event = client.get(f"/v1/fine_tuning/jobs/{other_job}/events").json()["data"][0]["id"]
+    events, checkpoints = f"/v1/fine_tuning/jobs/{job_id}/events", f"/v1/fine_tuning/jobs/{job_id}/checkpoints"
+    for path, after in [
+        (events, "ftevent-doesnotexist"),
+        (events, foreign_event),  # another job's event
+        (events, own_checkpoint),  # an id of the wrong kind
+        (checkpoints, "ftckpt_doesnotexist"),
+        (checkpoints, foreign_checkpoint),
+        (checkpoints, own_event),
+    ]:
+        r = client.get(path, params={"after": after})
+        assert r.status_code == 404, (path, after, r.text)
+        assert r.json()["error"]["param"] == "after", (path, after)
+    assert client.get(events, params={"after": own_event}).status_code == 200
+    assert client.get(checkpoints, params={"after": own_checkpoint}).status_code == 200
+
+
 def test_state_changes_and_illegal_transitions(client, training_file, sessionmaker):
     job_id = create(client, training_file=training_file).json()["id"]
     base = f"/v1/fine_tuning/jobs/{job_id}"
@@ -224,3 +319,9 @@ def test_other_projects_jobs_are_404(app_client, alpha_key, beta_key):
     # Nor can another project train on alpha's file.
     r = create(app_client, training_file=file_id)
     assert r.status_code == 400 and r.json()["error"]["code"] == "file_not_found"
+    # Nor validate on it: answered like a file that does not exist, on `validation_file`.
+    own_file = upload(app_client)
+    r = create(app_client, training_file=own_file, validation_file=file_id)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "file_not_found" and r.json()["error"]["param"] == "validation_file"
+    assert app_client.get("/v1/fine_tuning/jobs").json()["data"] == []
