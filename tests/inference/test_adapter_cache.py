@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 
 import pytest
 
 from app.errors import InvalidRequest, NotFound
 from app.inference import AdapterRef
-from tests.inference.conftest import EOS_MODEL, collect, request, run_together
+from tests.inference.conftest import EOS_MODEL, TINY, collect, request, run_together
 
 
 def test_lru_by_count_evicts_the_coldest_and_reloads_it_identically(make_engine, tokenizer, adapters):
@@ -60,6 +61,72 @@ def test_concurrent_first_requests_load_an_adapter_once(engine, tokenizer, adapt
     assert metrics["adapter_loads_total"] == 1
     assert metrics["adapter_load_seconds_count"] == 1 and metrics["adapter_load_seconds_sum"] > 0
     assert metrics["adapter_cache_misses_total"] + metrics["adapter_cache_hits_total"] == 8
+
+
+def damage_adapter(ref: AdapterRef, damage: str) -> str:
+    """Break the weights of `ref` in place; returns a fragment of the error message the damage must produce."""
+    from safetensors.torch import load_file, save_file
+
+    weights = ref.path / "adapter_model.safetensors"
+    if damage == "corrupt":
+        weights.write_bytes(b"\x80\x04not a safetensors file")
+        return "unreadable"
+    tensors = load_file(weights)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+    tensors[key] = tensors[key][:, :-1].contiguous()  # one input feature short of the base layer
+    save_file(tensors, weights)
+    return "do not fit"
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "wrong_shapes"])
+def test_a_failed_first_load_fails_every_concurrent_waiter_once(
+    engine, tokenizer, adapters, tmp_path, monkeypatch, damage
+):
+    from app.inference import engine as engine_module
+
+    bad = copy_adapter(adapters[0], tmp_path / "bad", f"ft:bad-{damage}")
+    message = damage_adapter(bad, damage)
+    # Hold the one load at a gate until every request has attached to it, so they are truly concurrent.
+    gate = threading.Event()
+    attempts = []
+    read_adapter = engine_module.read_adapter
+
+    def gated_read(ref, *args, **kwargs):
+        attempts.append(ref.name)
+        gate.wait(60)
+        return read_adapter(ref, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "read_adapter", gated_read)
+    engine.tokenizer(TINY)  # base model loaded: `submit` claims the adapter at once, on this thread
+    waiters = 6
+
+    async def outcome(handle):
+        try:
+            return await collect(handle)
+        except Exception as exc:
+            return exc
+
+    async def main():
+        handles = [engine.submit(request(tokenizer, f"client {i}", bad)) for i in range(waiters)]
+        gate.set()
+        # A waiter that never hears of the failure would hang here: fail fast instead of at the pytest timeout.
+        return await asyncio.wait_for(asyncio.gather(*(outcome(h) for h in handles)), timeout=20)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, InvalidRequest) for o in outcomes), outcomes
+    assert all(o.param == "model" and message in o.message for o in outcomes), [o.message for o in outcomes]
+    assert attempts == [bad.name]  # one attempt for all six
+    metrics = engine.metrics()
+    assert metrics["adapter_cache_misses_total"] == waiters and metrics["adapter_cache_hits_total"] == 0
+    assert (metrics["adapter_load_failures_total"], metrics["adapter_loads_total"]) == (1, 0)
+    assert metrics["requests_failed_total"] == waiters
+    assert engine.resident_adapters() == []
+    # The failure is not cached: the next request tries again (and fails again); a good adapter still loads.
+    assert message in expect_error(engine, request(tokenizer, "retry", bad), InvalidRequest).message
+    assert attempts == [bad.name, bad.name]
+    (_, finished) = run_together(engine, [request(tokenizer, "good", adapters[0])])[0]
+    assert finished.finish_reason == "length"
+    assert engine.metrics()["adapter_loads_total"] == 1 and engine.resident_adapters() == [adapters[0].name]
 
 
 def test_explicit_evict_forces_a_reload(engine, tokenizer, adapters):
