@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from app import migrate
 from app.db import make_engine, make_sessionmaker
 from tests.conftest import make_key
-from tests.datasets.samples import valid_chat_file
+from tests.datasets.samples import chat_example, jsonl, valid_chat_file
 from tests.e2e.server import LiveServer, WorkerProcess, tuneserve_env
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -79,21 +79,40 @@ def wait_terminal(sdk: openai.OpenAI, job_id: str, timeout: float = 180):
     )
 
 
-def start_job(sdk: openai.OpenAI, n_examples: int = 20, **hyperparameters):
-    file = sdk.files.create(file=("train.jsonl", io.BytesIO(valid_chat_file(n_examples))), purpose="fine-tune")
+def upload(sdk: openai.OpenAI, data: bytes, name: str = "train.jsonl") -> str:
+    return sdk.files.create(file=(name, io.BytesIO(data)), purpose="fine-tune").id
+
+
+def start_job(
+    sdk: openai.OpenAI,
+    n_examples: int = 20,
+    *,
+    validation_examples: int = 0,
+    seed: int | None = None,
+    **hyperparameters,
+):
+    """A job on `n_examples` chat examples (and a validation file of other examples, if asked for)."""
+    validation = None
+    if validation_examples:
+        validation = upload(sdk, jsonl(chat_example(1000 + i) for i in range(validation_examples)), "valid.jsonl")
     extra = {k: hyperparameters.pop(k) for k in ("n_checkpoints",) if k in hyperparameters}
     return sdk.fine_tuning.jobs.create(
         model="tuneserve-tiny",
-        training_file=file.id,
+        training_file=upload(sdk, valid_chat_file(n_examples)),
+        validation_file=validation if validation else openai.NOT_GIVEN,
+        seed=seed if seed is not None else openai.NOT_GIVEN,
         suffix="e2e",
         hyperparameters=hyperparameters or {"n_epochs": 2, "batch_size": 4},
         extra_body=extra,
     )
 
 
+def event_messages(sdk: openai.OpenAI, job_id: str) -> list[str]:
+    """The job's event messages, oldest first."""
+    return [e.message for e in reversed(list(sdk.fine_tuning.jobs.list_events(job_id, limit=100)))]
+
+
 def published_models(stack: Stack, job_id: str) -> int:
     from app.tables import FineTunedModel
 
     return stack.count(FineTunedModel, job_id=job_id, step_number=None)
-
-

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import openai
+import pytest
 
+from tests.e2e.conftest import start_job, wait_terminal
 from tests.e2e.server import free_port, tuneserve_env
+
+pytestmark = pytest.mark.slow
 
 
 def start_up(data_dir, **extra) -> tuple[subprocess.Popen, str, list[str]]:
@@ -20,6 +26,8 @@ def start_up(data_dir, **extra) -> tuple[subprocess.Popen, str, list[str]]:
         [sys.executable, "-m", "app.cli", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     lines = [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
+    # Keep reading what follows (uvicorn's access log goes to stdout): a full pipe would block the server.
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -65,11 +73,17 @@ def test_up_creates_a_key_once_and_serves(tmp_path):
         stop(proc)
 
 
-def test_up_uses_the_key_from_the_environment(tmp_path):
-    proc, url, lines = start_up(tmp_path / "data", TUNESERVE_API_KEY="ts-my-chosen-key-0123456789")
+def test_up_uses_the_key_from_the_environment_and_its_worker_trains(tmp_path):
+    key = "ts-my-chosen-key-0123456789"
+    proc, url, lines = start_up(tmp_path / "data", TUNESERVE_API_KEY=key)
     try:
-        assert lines[1].endswith("ts-my-chosen-key-0123456789")
-        r = httpx.get(f"{url}/v1/files", headers={"Authorization": "Bearer ts-my-chosen-key-0123456789"})
-        assert r.status_code == 200
+        assert lines[1].endswith(key)
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+        job = start_job(sdk)  # through the embedded broker to the worker `up` started
+        done = wait_terminal(sdk, job.id)
+        assert done.status == "succeeded", done.error
+        messages = [{"role": "user", "content": "hi"}]
+        reply = sdk.chat.completions.create(model=done.fine_tuned_model, messages=messages, max_tokens=3)
+        assert reply.choices[0].message.role == "assistant"
     finally:
         stop(proc)
