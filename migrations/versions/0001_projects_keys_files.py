@@ -26,9 +26,7 @@ def upgrade() -> None:
     op.create_table(
         "api_keys",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
-        sa.Column(
-            "project_id", sa.String(40), sa.ForeignKey("projects.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
         sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
         sa.Column("prefix", sa.String(16), nullable=False),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
@@ -40,9 +38,7 @@ def upgrade() -> None:
         "files",
         sa.Column("seq", sa.Integer(), primary_key=True, autoincrement=True),
         sa.Column("id", sa.String(40), nullable=False, unique=True),
-        sa.Column(
-            "project_id", sa.String(40), sa.ForeignKey("projects.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
         sa.Column("filename", sa.Text(), nullable=False),
         sa.Column("purpose", sa.String(32), nullable=False),
         sa.Column("bytes", sa.BigInteger(), nullable=False),

@@ -17,9 +17,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def _project_fk() -> sa.Column:
-    return sa.Column(
-        "project_id", sa.String(40), sa.ForeignKey("projects.id", ondelete="CASCADE"), nullable=False
-    )
+    return sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id", ondelete="CASCADE"), nullable=False)
 
 
 def _job_fk() -> sa.Column:
@@ -97,9 +95,7 @@ def upgrade() -> None:
     op.create_index("ix_models_job_id", "models", ["job_id"])
     op.create_table(
         "idempotency_keys",
-        sa.Column(
-            "project_id", sa.String(40), sa.ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
-        ),
+        sa.Column("project_id", sa.String(40), sa.ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("key", sa.String(255), primary_key=True),
         sa.Column("request_hash", sa.String(64), nullable=False),
         sa.Column("status_code", sa.Integer(), nullable=True),
