@@ -10,8 +10,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.errors import ServiceUnavailable
+from app.inference import InferenceEngine
 from app.ml.registry import BaseModelRegistry
 from app.services import keys
+from app.services.completions import Serving
 from app.services.job_commands import JobCommands
 from app.services.keys import CurrentProject
 from app.storage import LocalStorage
@@ -68,3 +71,34 @@ def job_commands(
 
 
 JobCommandsDep = Annotated[JobCommands, Depends(job_commands)]
+
+
+def get_inference(request: Request) -> InferenceEngine | None:
+    """The serving engine, or None on a server started with TUNESERVE_INFERENCE=off."""
+    return request.app.state.inference
+
+
+InferenceDep = Annotated[InferenceEngine | None, Depends(get_inference)]
+
+
+def require_inference(engine: InferenceDep) -> InferenceEngine:
+    if engine is None:
+        raise ServiceUnavailable("Inference is off on this server (TUNESERVE_INFERENCE=off).", code="inference_off")
+    return engine
+
+
+EngineDep = Annotated[InferenceEngine, Depends(require_inference)]
+
+
+def serving(
+    project: ProjectDep,
+    session: SessionDep,
+    registry: RegistryDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    engine: EngineDep,
+) -> Serving:
+    return Serving(session, project, registry, storage, engine, settings)
+
+
+ServingDep = Annotated[Serving, Depends(serving)]
