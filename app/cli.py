@@ -69,9 +69,16 @@ def cmd_validate(_settings: Settings, args) -> int:
 def _serve(settings: Settings) -> None:
     import uvicorn
 
+    from app.api.request_id import uvicorn_log_config
     from app.main import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=uvicorn_log_config(),
+    )
 
 
 def cmd_serve(settings: Settings, _args) -> int:
@@ -80,7 +87,8 @@ def cmd_serve(settings: Settings, _args) -> int:
 
 
 def cmd_worker(settings: Settings, _args) -> int:
-    from worker.celery_app import TRAINING_QUEUE, celery_app
+    from app.jobs.broker import TRAINING_QUEUE
+    from worker.celery_app import celery_app
 
     celery_app.worker_main(
         ["worker", "--queues", TRAINING_QUEUE, "--pool", "solo", "--loglevel", settings.log_level.upper()]

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
+from app.api.request_id import install_request_ids
 from app.api.routes import completions, files, fine_tuning, health, models
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.basicConfig(level=settings.log_level.upper())
     app = FastAPI(title="tuneserve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    install_request_ids(app)
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.request_id import current_request_id
 from app.errors import InvalidRequest, NotFound, TuneserveError
 
 log = logging.getLogger("tuneserve.api")
@@ -61,7 +62,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception(
+            "unhandled error on %s %s (request_id=%s)", request.method, request.url.path, current_request_id.get()
+        )
         error = TuneserveError("The server had an error while processing your request.")
         error.status, error.type = 500, "server_error"
         return error_response(error)
