@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from app.config import Settings, SettingsError, get_settings
@@ -66,19 +68,33 @@ def cmd_validate(_settings: Settings, args) -> int:
     return 0 if report.ok else 1
 
 
-def _serve(settings: Settings) -> None:
+def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+    """Run the API until stopped; `on_ready` is called once it answers requests (/readyz included)."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from app.api.request_id import uvicorn_log_config
     from app.main import create_app
 
-    uvicorn.run(
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            # `started` is set only once the lifespan has built the app's state and the socket listens.
+            await super().startup(sockets)
+            if self.started and on_ready is not None:
+                on_ready()
+
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         log_config=uvicorn_log_config(),
     )
+    server = Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a foreground server is meant to stop
+        server.run()
+    if not server.started:  # the port was taken or the app failed to start: fail as uvicorn.run does
+        sys.exit(STARTUP_FAILURE)
 
 
 def cmd_serve(settings: Settings, _args) -> int:
@@ -116,10 +132,13 @@ def cmd_up(settings: Settings, _args) -> int:
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exit so `finally` stops the worker.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"tuneserve is up at http://{settings.host}:{settings.port}/v1", flush=True)
-    print(key_line, flush=True)
+
+    def announce() -> None:
+        print(f"tuneserve is up at http://{settings.host}:{settings.port}/v1", flush=True)
+        print(key_line, flush=True)
+
     try:
-        _serve(settings)
+        _serve(settings, on_ready=announce)
     finally:
         worker.terminate()
         try:
