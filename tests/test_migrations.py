@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from app import migrate
 from app.db import make_engine
 from app.tables import Base
-from tests.conftest import POSTGRES_ADMIN_URL, _admin_conninfo
+from tests.services import conninfo
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -22,11 +22,12 @@ def empty_db_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'm.db'}"
         return
+    admin_url = request.getfixturevalue("postgres_admin_url")
     name = f"tuneserve_mig_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+    with psycopg.connect(conninfo(admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+    yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(conninfo(admin_url), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

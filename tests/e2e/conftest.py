@@ -48,8 +48,8 @@ class Stack:
 
 
 @pytest.fixture
-def pg_stack(tmp_path, postgres_url):
-    yield Stack(tmp_path, postgres_url, "redis://127.0.0.1:6379/0")
+def pg_stack(tmp_path, postgres_url, redis_url):
+    yield Stack(tmp_path, postgres_url, redis_url)
     engine = make_engine(postgres_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("TRUNCATE projects RESTART IDENTITY CASCADE")
