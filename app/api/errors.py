@@ -17,6 +17,8 @@ log = logging.getLogger("tuneserve.api")
 
 # Where a request field came from is not part of its name as a client knows it.
 _LOCATIONS = {"body", "query", "path", "header", "cookie"}
+# Error types that schemas raise themselves (as PydanticCustomError) and that are the envelope's code as they are.
+SCHEMA_ERROR_CODES = {"unsupported_parameter"}
 
 
 def error_response(error: TuneserveError) -> JSONResponse:
@@ -30,6 +32,8 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     param = ".".join(loc) or None
     if first.get("type") == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if first.get("type") in SCHEMA_ERROR_CODES:  # raised by a schema on purpose, with a message for the client
+        return InvalidRequest(f"{first.get('msg')}.", param=param, code=first["type"])
     return InvalidRequest(f"Invalid value for '{param}': {first.get('msg')}.", param=param, code="invalid_value")
 
 

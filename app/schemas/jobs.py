@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from app.tables import Job, JobCheckpoint, JobEvent
 
@@ -47,6 +48,18 @@ class CreateJobRequest(BaseModel):
     hyperparameters: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     integrations: list[dict[str, Any]] | None = None
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, integrations: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        # Nothing here reports to Weights & Biases or anywhere else: accepting one would drop it silently and
+        # the client would wait for a run that never appears. An empty list asks for nothing, so it passes.
+        if integrations:
+            kinds = ", ".join(sorted({str(item.get("type"))[:64] for item in integrations}))
+            raise PydanticCustomError(
+                "unsupported_parameter", "integrations are not supported (requested: {kinds})", {"kinds": kinds}
+            )
+        return integrations
 
 
 class JobError(BaseModel):

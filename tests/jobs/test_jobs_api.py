@@ -325,3 +325,20 @@ def test_other_projects_jobs_are_404(app_client, alpha_key, beta_key):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "file_not_found" and r.json()["error"]["param"] == "validation_file"
     assert app_client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+@pytest.mark.parametrize("integrations", [[{"type": "wandb", "wandb": {"project": "p"}}], [{"type": "mlflow"}]])
+def test_integrations_are_refused_rather_than_dropped(client, training_file, integrations):
+    r = create(client, training_file=training_file, integrations=integrations)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "integrations" and error["code"] == "unsupported_parameter"
+    assert integrations[0]["type"] in error["message"]
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+@pytest.mark.parametrize("integrations", [[], None])
+def test_no_integrations_is_accepted(client, training_file, integrations):
+    r = create(client, training_file=training_file, integrations=integrations)
+    assert r.status_code == 200, r.text
+    assert r.json()["integrations"] == []
