@@ -8,46 +8,33 @@ import torch
 
 from app.errors import ServiceUnavailable
 from app.inference.lora_slots import LoraSlots
+from app.ml.base_model import load_causal_lm, load_tokenizer
 from app.ml.chat import end_of_turn_ids
+from app.ml.device import pick_device
 from app.ml.registry import BaseModelInfo
-
-
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 when present (as training uses), else CPU float32."""
-    if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.device("cuda"), dtype
-    return torch.device("cpu"), torch.float32
 
 
 class BaseModelRuntime:
     """Loaded once per process per base model (safetensors weights, no remote code)."""
 
     def __init__(self, info: BaseModelInfo, device: torch.device | None = None, dtype: torch.dtype | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         picked_device, picked_dtype = pick_device()
         self.device = device or picked_device
         self.dtype = dtype or picked_dtype
         self.info = info
         self.name = info.name
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(info.name_or_path, trust_remote_code=False)
+            self.tokenizer = load_tokenizer(info.name_or_path)
             # The scheduler thread detokenizes with its own instance: a fast tokenizer shared across threads can
             # fail with "Already borrowed" when one thread's call changes its settings while another uses it.
-            self.decode_tokenizer = AutoTokenizer.from_pretrained(info.name_or_path, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(
-                info.name_or_path,
-                dtype=self.dtype,
-                use_safetensors=True,
-                trust_remote_code=False,
-                attn_implementation="sdpa",
-            )
+            self.decode_tokenizer = load_tokenizer(info.name_or_path)
+            # SDPA with the padding mask the scheduler builds: batched generation pads rows on the left.
+            model = load_causal_lm(info.name_or_path, device=self.device, dtype=self.dtype, attn_implementation="sdpa")
         except (OSError, ValueError) as exc:
             raise ServiceUnavailable(
                 f"The base model '{info.name}' could not be loaded: {exc}", param="model", code="model_unavailable"
             ) from None
-        self.model = model.to(self.device).eval()
+        self.model = model.eval()
         self.model.config.use_cache = True
         self.lora = LoraSlots(self.model)
         parameters = inspect.signature(self.model.forward).parameters

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.ml.base_model import load_causal_lm, load_tokenizer
+from app.ml.device import pick_device
 from worker.training.attention import SEGMENT_ATTENTION
 from worker.training.callbacks import TrainingCallbacks
 from worker.training.checkpoint import load_adapter_weights, load_checkpoint, save_checkpoint, write_atomically
@@ -73,14 +75,6 @@ class TrainingResult:
         return "\n".join(lines) + "\n"
 
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 weights when a GPU is present (LoRA weights stay fp32), CPU fp32 otherwise."""
-    if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.device("cuda"), dtype
-    return torch.device("cpu"), torch.float32
-
-
 def default_attention(device: torch.device) -> str:
     """Per-example attention on CPU (measured faster: no T x T mask, causal halves skipped); on CUDA the
     standard SDPA path, where transformers builds the block-diagonal mask from the position ids."""
@@ -88,20 +82,17 @@ def default_attention(device: torch.device) -> str:
 
 
 def load_base_model(name_or_path: str, device: torch.device, dtype: torch.dtype, attn_implementation=None):
-    from transformers import AutoModelForCausalLM
-
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = load_causal_lm(
             name_or_path,
+            device=device,
             dtype=dtype,
-            use_safetensors=True,
-            trust_remote_code=False,
             attn_implementation=attn_implementation or default_attention(device),
         )
     except (OSError, ValueError) as exc:
         raise TrainingError("base_model_unavailable", f"cannot load base model {name_or_path}: {exc}") from None
     model.config.use_cache = False  # a cache object would disable packed-sequence masking
-    return model.to(device)
+    return model
 
 
 def build_lora_model(model, spec: TrainingSpec):
@@ -194,8 +185,6 @@ def train(
     a fresh LoRA initialisation: continuing to fine-tune a fine-tuned model.
     Raises `TrainingError` for conditions the user can fix (no example fits, NaN loss, ...).
     """
-    from transformers import AutoTokenizer
-
     spec = TrainingSpec.from_dict(spec) if isinstance(spec, dict) else spec
     callbacks = callbacks or TrainingCallbacks()
     output_dir = Path(output_dir)
@@ -208,7 +197,7 @@ def train(
             param="hyperparameters.max_seq_length",
         )
     device, dtype = pick_device()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    tokenizer = load_tokenizer(name_or_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     train_data = load_dataset(
