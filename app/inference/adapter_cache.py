@@ -19,7 +19,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 
 from app.errors import InvalidRequest, ServiceUnavailable, TuneserveError
-from app.inference.adapter_files import AdapterWeights
+from app.inference.adapter_weights import AdapterWeights
 from app.inference.metrics import EngineMetrics
 from app.inference.types import AdapterRef
 

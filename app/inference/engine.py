@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from app.errors import InvalidRequest, NotFound, ServiceUnavailable, TuneserveError
 from app.inference.adapter_cache import AdapterCache, AdapterEntry
-from app.inference.adapter_files import read_adapter
+from app.inference.adapter_weights import read_adapter
 from app.inference.handle import GenerationHandle
 from app.inference.metrics import EngineMetrics
 from app.inference.runtime import BaseModelRuntime

@@ -1,4 +1,5 @@
-"""Reading a PEFT LoRA adapter directory safely: safetensors only, validated against the base model it will run on.
+"""Reading a PEFT LoRA adapter's weights for serving, safely: safetensors only, validated against the base model
+it will run on.
 
 Nothing here unpickles (no `.bin` fallback) or runs code from the adapter directory: the config is JSON and the
 weights go through `safetensors`. Every check that can fail for a client's adapter raises a domain error with
@@ -7,7 +8,6 @@ weights go through `safetensors`. Every check that can fail for a client's adapt
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -17,10 +17,9 @@ import torch
 
 from app.errors import InvalidRequest, NotFound
 from app.inference.types import AdapterRef
+from app.ml.adapter_files import ADAPTER_WEIGHTS, AdapterConfigError, read_adapter_config
 from app.ml.registry import BaseModelInfo
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
@@ -49,17 +48,13 @@ def same_base(declared: str | None, base: BaseModelInfo) -> bool:
         return False
 
 
-def read_adapter_config(ref: AdapterRef) -> dict:
-    config_path = Path(ref.path) / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise NotFound(f"The files of model '{ref.name}' are missing", param="model", code="model_not_found")
+def _read_config(ref: AdapterRef) -> dict:
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        raise _refuse(ref, f"{ADAPTER_CONFIG} is not valid JSON") from None
-    if not isinstance(config, dict):
-        raise _refuse(ref, f"{ADAPTER_CONFIG} is not a JSON object")
-    return config
+        return read_adapter_config(Path(ref.path))
+    except FileNotFoundError:
+        raise NotFound(f"The files of model '{ref.name}' are missing", param="model", code="model_not_found") from None
+    except AdapterConfigError as exc:
+        raise _refuse(ref, str(exc)) from None
 
 
 def _check_config(ref: AdapterRef, config: dict, base: BaseModelInfo) -> None:
@@ -101,7 +96,7 @@ def read_adapter(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    config = read_adapter_config(ref)
+    config = _read_config(ref)
     _check_config(ref, config, base)
     weights_path = Path(ref.path) / ADAPTER_WEIGHTS
     if not weights_path.is_file():
