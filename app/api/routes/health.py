@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import text
 
-from app.api.deps import SessionDep
+from app.api.deps import InferenceDep, SessionDep
 from app.errors import ServiceUnavailable
 from app.schemas.errors import ERROR_RESPONSES
 from app.services import metrics as metrics_service
@@ -29,9 +29,8 @@ def readyz(session: SessionDep) -> dict:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(request: Request, session: SessionDep) -> PlainTextResponse:
+def metrics(session: SessionDep, engine: InferenceDep) -> PlainTextResponse:
     """Prometheus exposition: requests, tokens, batch sizes, adapter cache, queue depth, jobs by status."""
-    engine = request.app.state.inference
     return PlainTextResponse(
         metrics_service.render(session, engine.metrics() if engine else None),
         media_type="text/plain; version=0.0.4",
