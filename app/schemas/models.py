@@ -13,6 +13,11 @@ class ModelObject(BaseModel):
     created: int
     owned_by: str
 
+    @classmethod
+    def of(cls, info) -> ModelObject:
+        """From a `ModelInfo` of the models service (what it knows beyond these fields stays server-side)."""
+        return cls(id=info.id, created=info.created, owned_by=info.owned_by)
+
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"

@@ -1,23 +1,29 @@
-"""Models: the base models every project may use, and each project's fine-tuned adapters."""
+"""Models: the base models every project may use, and each project's fine-tuned adapters.
+
+What deleting means: a job's final model is the job's output, so deleting it deletes the job's checkpoint models
+(`<model>:ckpt-step-N`) with it. A checkpoint model may also be deleted alone; the final model and the other
+checkpoints stay. Deleted models are gone from the list, from serving and from the adapter download at once.
+"""
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidRequest, NotFound
+from app.ml.adapter_files import adapter_tar as adapter_tar_stream
 from app.ml.registry import BaseModelRegistry
+from app.model_lookup import find_fine_tuned_model, job_fine_tuned_models, project_fine_tuned_models
 from app.services.keys import CurrentProject
 from app.storage import LocalStorage
 from app.tables import FineTunedModel
 
-# Only what PEFT (and vLLM's --lora-modules) need; a checkpoint's optimizer state stays home.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+if TYPE_CHECKING:
+    from app.inference import InferenceEngine
 
 
 @dataclass(frozen=True)
@@ -30,66 +36,69 @@ class ModelInfo:
 
 
 def _not_found(model: str) -> NotFound:
-    return NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model",
-                    code="model_not_found")  # fmt: skip
+    return NotFound(
+        f"The model '{model}' does not exist or you do not have access to it.", param="model", code="model_not_found"
+    )
+
+
+def _base(name: str) -> ModelInfo:
+    return ModelInfo(name, 0, "system", name, None)
+
+
+def _fine_tuned(row: FineTunedModel, project: CurrentProject) -> ModelInfo:
+    return ModelInfo(row.id, row.created_at, project.name, row.base_model, row.storage_key)
 
 
 def list_models(session: Session, project: CurrentProject, registry: BaseModelRegistry) -> list[ModelInfo]:
-    base = [ModelInfo(name, 0, "system", name, None) for name in registry.names()]
-    rows = session.scalars(
-        select(FineTunedModel).where(FineTunedModel.project_id == project.id).order_by(FineTunedModel.created_at)
-    )
-    return base + [ModelInfo(r.id, r.created_at, project.name, r.base_model, r.storage_key) for r in rows]
+    rows = project_fine_tuned_models(session, project.id)
+    return [_base(name) for name in registry.names()] + [_fine_tuned(r, project) for r in rows]
 
 
 def get_model(session: Session, project: CurrentProject, registry: BaseModelRegistry, model: str) -> ModelInfo:
     """A base model, or a fine-tuned model of this project; anything else (another project's too) is 404."""
     if model in registry.names():
-        return ModelInfo(model, 0, "system", model, None)
-    row = session.scalar(
-        select(FineTunedModel).where(FineTunedModel.id == model, FineTunedModel.project_id == project.id)
-    )
+        return _base(model)
+    row = find_fine_tuned_model(session, project.id, model)
     if row is None:
         raise _not_found(model)
-    return ModelInfo(row.id, row.created_at, project.name, row.base_model, row.storage_key)
+    return _fine_tuned(row, project)
 
 
 def delete_model(
-    session: Session, storage: LocalStorage, registry: BaseModelRegistry, project: CurrentProject, model: str
+    session: Session,
+    storage: LocalStorage,
+    registry: BaseModelRegistry,
+    project: CurrentProject,
+    model: str,
+    engine: InferenceEngine | None = None,
 ) -> str:
+    """Delete `model` (with its checkpoint models when it is a job's final model); returns its id."""
     if model in registry.names():
         raise InvalidRequest(f"'{model}' is a base model; only fine-tuned models can be deleted.", param="model")
-    row = session.scalar(
-        select(FineTunedModel).where(FineTunedModel.id == model, FineTunedModel.project_id == project.id)
-    )
+    row = find_fine_tuned_model(session, project.id, model)
     if row is None:
         raise _not_found(model)
-    key = row.storage_key
-    session.delete(row)
+    is_checkpoint = row.step_number is not None
+    rows = [row] if is_checkpoint else job_fine_tuned_models(session, project.id, row.job_id)
+    for deleted in rows:
+        session.delete(deleted)
     session.commit()
-    storage.delete(key)  # after the commit: a crash leaves an orphan directory, never a model without files
+    # Files go after the commit: a crash leaves orphan files, never a model without its files.
+    for deleted in rows:
+        if engine is not None:
+            engine.evict(deleted.id)  # requests for it are 404 from now on; its memory goes back now
+        storage.delete(deleted.storage_key)
     return model
 
 
 def adapter_dir(storage: LocalStorage, info: ModelInfo) -> Path:
     if info.adapter_key is None:
-        raise NotFound(f"The model '{info.id}' is a base model; it has no adapter.", param="model",
-                       code="not_a_fine_tuned_model")  # fmt: skip
+        raise NotFound(
+            f"The model '{info.id}' is a base model; it has no adapter.", param="model", code="not_a_fine_tuned_model"
+        )
     return storage.local_path(info.adapter_key)
 
 
 def adapter_tar(storage: LocalStorage, info: ModelInfo) -> Iterator[bytes]:
-    """The adapter as an uncompressed tar with its two files at the top level, streamed without buffering the
-    whole archive: each member is its 512-byte header, its bytes, and padding to a 512-byte block."""
-    directory = adapter_dir(storage, info)
-    for name in ADAPTER_FILES:
-        path = directory / name
-        member = tarfile.TarInfo(name)
-        member.size, member.mtime, member.mode = path.stat().st_size, int(path.stat().st_mtime), 0o644
-        yield member.tobuf(format=tarfile.PAX_FORMAT)
-        with open(path, "rb") as f:
-            while chunk := f.read(1024 * 1024):
-                yield chunk
-        if member.size % tarfile.BLOCKSIZE:
-            yield b"\0" * (tarfile.BLOCKSIZE - member.size % tarfile.BLOCKSIZE)
-    yield b"\0" * (2 * tarfile.BLOCKSIZE)  # end of archive
+    """The adapter as an uncompressed tar of its config and weights, streamed (see `app.ml.adapter_files`)."""
+    return adapter_tar_stream(adapter_dir(storage, info))

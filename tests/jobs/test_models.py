@@ -6,7 +6,9 @@ import io
 import tarfile
 
 import pytest
+from sqlalchemy import select
 
+from app.tables import FineTunedModel
 from worker.runner import run_job
 
 pytestmark = pytest.mark.slow
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def fine_tuned(client, ctx, create_job) -> dict:
-    job_id = create_job(suffix="m", n_checkpoints=1)
+    job_id = create_job(suffix="m", n_checkpoints=2)  # 10 steps: checkpoint models at steps 5 and 10
     assert run_job(ctx, job_id) == "succeeded"
     return client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
 
@@ -54,6 +56,39 @@ def test_delete(client, fine_tuned, ctx):
     assert client.delete(f"/v1/models/{model}").status_code == 404
     assert model not in {m["id"] for m in client.get("/v1/models").json()["data"]}
     assert client.delete("/v1/models/tuneserve-tiny").status_code == 400
+
+
+def test_deleting_a_model_takes_its_checkpoint_models_and_a_checkpoint_model_goes_alone(client, ctx, fine_tuned):
+    model = fine_tuned["fine_tuned_model"]
+    first, last = f"{model}:ckpt-step-5", f"{model}:ckpt-step-10"
+    with ctx.sessionmaker() as session:
+        keys = {m.id: m.storage_key for m in session.scalars(select(FineTunedModel))}
+    engine = client.app.state.inference
+
+    def listed() -> set[str]:
+        return {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+    def served(name: str) -> int:
+        return client.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2}).status_code
+
+    assert {model, first, last} <= listed()
+    assert served(first) == served(last) == 200 and {first, last} <= set(engine.resident_adapters())
+
+    # A checkpoint model may be deleted alone: the final model and the other checkpoint stay.
+    assert client.delete(f"/v1/models/{first}").json() == {"id": first, "object": "model", "deleted": True}
+    assert first not in listed() and {model, last} <= listed()
+    assert served(last) == 200 and served(model) == 200
+
+    # The final model is the job's output: deleting it deletes the job's checkpoint models with it.
+    assert client.delete(f"/v1/models/{model}").json() == {"id": model, "object": "model", "deleted": True}
+    assert not {model, first, last} & listed()
+    assert not {model, first, last} & set(engine.resident_adapters())
+    for gone in (model, first, last):
+        assert client.get(f"/v1/models/{gone}").status_code == 404, gone
+        assert client.get(f"/v1/models/{gone}/adapter").status_code == 404, gone
+        assert served(gone) == 404, gone
+        assert client.delete(f"/v1/models/{gone}").status_code == 404, gone
+        assert not ctx.storage.local_path(keys[gone]).exists(), gone
 
 
 def test_another_projects_models_are_404(app_client, fine_tuned, beta_key):
