@@ -156,6 +156,7 @@ class LoraSlots:
         self._rank_capacity = new_rank
 
     def table_bytes(self) -> int:
+        """Bytes the slot tables hold now (the engine exports it as the `lora_table_bytes` gauge)."""
         return sum(
             layer.lora_a.numel() * layer.lora_a.element_size() + layer.lora_b.numel() * layer.lora_b.element_size()
             for layer in self.layers.values()

@@ -37,6 +37,9 @@ class EngineMetrics:
             "running_requests": 0,
             "adapters_resident": 0,
             "adapter_bytes_resident": 0,
+            # Device memory of the LoRA slot tables: padded to the largest rank seen and to a doubling slot count,
+            # and never shrunk, so it can exceed the resident adapters' bytes by far.
+            "lora_table_bytes": 0,
         }
         for bound in BATCH_SIZE_BUCKETS:
             self._values[f"batch_size_bucket_le_{bound}"] = 0

@@ -174,8 +174,10 @@ class BatchScheduler:
         for pending in live:
             entry = pending.entry
             if entry is not None and not entry.installed:
+                table_bytes = runtime.lora.table_bytes()
                 runtime.lora.install(entry.slot, entry.rank, entry.weights.modules)
                 entry.installed, entry.weights = True, None
+                self._metrics.add("lora_table_bytes", runtime.lora.table_bytes() - table_bytes)
         rows = [Sequence(pending, runtime.decode_tokenizer, runtime.stop_ids, runtime.device) for pending in live]
         prompts = [pending.request.prompt_ids for pending in live]
         width = max(len(p) for p in prompts)

@@ -44,6 +44,20 @@ def test_lru_by_bytes(make_engine, tokenizer, adapters):
     assert engine.metrics()["adapter_evictions_total"] == 2
 
 
+def test_lora_table_bytes_count_the_padded_slot_tables(make_engine, tokenizer, adapters):
+    engine = make_engine()
+    run_together(engine, [request(tokenizer, "x")])
+    assert engine.metrics()["lora_table_bytes"] == 0  # the base model alone needs no tables
+    run_together(engine, [request(tokenizer, "x", adapters[0])])  # rank 4 on every linear layer
+    rank_4 = engine.metrics()["adapter_bytes_resident"]
+    # Two slots (the base model's zeros and the adapter's) of rank 4: twice the adapter's own factors.
+    assert engine.metrics()["lora_table_bytes"] == 2 * rank_4 > 0
+    run_together(engine, [request(tokenizer, "x", adapters[1])])  # rank 8 on every linear layer
+    # Three slots round up to four, each padded to rank 8: 8x the rank-4 adapter, while 3x that is resident.
+    assert engine.metrics()["adapter_bytes_resident"] == 3 * rank_4
+    assert engine.metrics()["lora_table_bytes"] == 8 * rank_4
+
+
 def test_adapters_in_use_are_not_evicted(make_engine, tokenizer, adapters):
     engine = make_engine(max_adapters=1)
     requests = [request(tokenizer, "busy", a, max_tokens=20) for a in adapters]
