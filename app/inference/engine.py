@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from app.errors import InvalidRequest, NotFound, ServiceUnavailable, TuneserveError
 from app.inference.adapter_cache import AdapterCache, AdapterEntry
 from app.inference.adapter_weights import read_adapter
+from app.inference.context_length import check_fits_context
 from app.inference.handle import GenerationHandle
 from app.inference.metrics import EngineMetrics
 from app.inference.runtime import BaseModelRuntime
@@ -163,14 +164,7 @@ class InferenceEngine:
             raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]", param="temperature")
 
     def _check_context(self, request: GenerationRequest, runtime: BaseModelRuntime) -> None:
-        total = len(request.prompt_ids) + request.max_tokens
-        if total > runtime.context_length:
-            raise InvalidRequest(
-                f"This model's maximum context length is {runtime.context_length} tokens. However, you requested "
-                f"{total} tokens ({len(request.prompt_ids)} in the prompt, {request.max_tokens} for the completion).",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        check_fits_context(len(request.prompt_ids), request.max_tokens, runtime.context_length, param="max_tokens")
         vocab = runtime.model.config.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise InvalidRequest("The prompt holds token ids outside the model's vocabulary", param="prompt")

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.errors import InvalidRequest
 from app.inference import AdapterRef, GenerationHandle, GenerationRequest, InferenceEngine
+from app.inference.context_length import check_fits_context
 from app.ml.chat import render_chat_prompt, render_completion_prompt
 from app.ml.registry import BaseModelRegistry
 from app.schemas.completions import ChatCompletionRequest, CompletionRequest, SamplingParams
@@ -52,16 +53,10 @@ def _max_tokens(requested: int | None, param: str, prompt_len: int, context: int
         raise InvalidRequest(
             f"{param} is at most {settings.max_tokens_limit} on this server.", param=param, code="invalid_value"
         )
-    room = context - prompt_len
-    max_tokens = requested if requested is not None else min(settings.max_tokens_limit, room)
-    if max_tokens > room or room < 1:
-        raise InvalidRequest(
-            f"This model's maximum context length is {context} tokens. However, you requested "
-            f"{prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the prompt, {max(max_tokens, 1)} "
-            "for the completion). Please reduce the prompt or the completion length.",
-            param="messages" if param == "max_completion_tokens" else "prompt",
-            code="context_length_exceeded",
-        )
+    max_tokens = requested if requested is not None else min(settings.max_tokens_limit, context - prompt_len)
+    # At least one new token: a prompt that fills the context leaves no room even for the default.
+    at_fault = "messages" if param == "max_completion_tokens" else "prompt"
+    check_fits_context(prompt_len, max(max_tokens, 1), context, param=at_fault)
     return max_tokens
 
 
