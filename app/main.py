@@ -9,15 +9,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
+from app.api.idempotency import install_replay_handler
 from app.api.request_id import install_request_ids
 from app.api.routes import completions, files, fine_tuning, health, models
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
-from app.dispatch import JobDispatcher
 from app.inference import InferenceEngine
+from app.jobs.broker import JobDispatcher
+from app.jobs.reconcile import reconcile
 from app.ml.registry import BaseModelRegistry
 from app.storage import LocalStorage
-from worker.leases import reconcile
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.basicConfig(level=settings.log_level.upper())
     app = FastAPI(title="tuneserve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    install_replay_handler(app)
     install_request_ids(app)
     app.include_router(health.router)
     app.include_router(files.router)

@@ -79,9 +79,9 @@ def measure_creation(tmp: Path, db_url: str, key: str, file_id: str, redis_url: 
 
 
 def measure_overhead(tmp: Path, db_url: str, key: str, file_id: str, redis_url: str) -> tuple[float, float]:
+    from app.jobs.spec import resolve_spec
     from app.ml.registry import BaseModelRegistry
     from worker.training.loop import train
-    from worker.training.spec import resolve_spec
 
     env = tuneserve_env(tmp / "data", db_url, TUNESERVE_BROKER_URL=redis_url)
     with LiveServer(env, tmp / "api2.log") as server, WorkerProcess(env, tmp / "worker.log"):

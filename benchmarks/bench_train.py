@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from app.jobs.spec import resolve_spec  # noqa: E402
 from app.ml.registry import TINY_DEFAULTS  # noqa: E402
 from app.ml.synthetic import varied_length_chat, write_jsonl  # noqa: E402
 from app.ml.tiny import build_tiny_model, ensure_tiny_model  # noqa: E402
 from worker.training.callbacks import TrainingCallbacks  # noqa: E402
-from worker.training.spec import resolve_spec  # noqa: E402
 
 CPU = torch.device("cpu")
 MAX_SEQ_LENGTH = 1024

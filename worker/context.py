@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
-from app.dispatch import JobDispatcher
+from app.jobs.broker import JobDispatcher
 from app.ml.registry import BaseModelRegistry
 from app.storage import LocalStorage
 

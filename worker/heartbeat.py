@@ -1,7 +1,8 @@
 """A thread that keeps a claimed job's lease alive and tells the training loop when to stop.
 
 It renews the lease every `job_heartbeat_seconds` with a fenced write, so the loop's stop check costs no
-database round trip per step: cancel or lost ownership -> "cancel" (stop, write nothing); paused -> "pause".
+database round trip per step: cancel or lost ownership -> "cancel" (stop, write nothing); a pause request ->
+"pause" (checkpoint, then let go); a pause withdrawn before the loop acted on it -> carry on.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ class Heartbeat:
     def beat(self) -> None:
         claim = self._claim
         with session_scope(self._ctx.sessionmaker) as session:
-            if not fence(session, claim, self._ctx.settings, "running", "paused"):
+            if not fence(session, claim, self._ctx.settings):
                 self.stop_request = "cancel"  # cancelled, or the job is no longer ours: stop, write nothing
                 return
-            status = session.scalar(select(Job.status).where(Job.id == claim.job_id))
-            if status == "paused":
+            pause_requested = session.scalar(select(Job.pause_requested).where(Job.id == claim.job_id))
+            if pause_requested:
                 self.stop_request = "pause"
-            elif self.eta_seconds is not None:
+            elif self.stop_request == "pause":
+                self.stop_request = None  # withdrawn before the loop acted on it
+            if self.eta_seconds is not None:
                 session.execute(
                     update(Job)
                     .where(Job.id == claim.job_id, Job.attempt == claim.attempt)

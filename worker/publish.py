@@ -9,31 +9,28 @@ import hashlib
 from sqlalchemy import select
 
 from app import ids
-from app.services.files import storage_key as file_storage_key
-from app.services.jobs import add_event
-from app.tables import File, FineTunedModel, Job, JobCheckpoint, Project, now
+from app.jobs import transitions
+from app.jobs.storage_keys import adapter_key, file_key
+from app.tables import File, FineTunedModel, JobCheckpoint, Project
 from worker.context import WorkerContext
-from worker.leases import Claim, fenced_session
+from worker.leases import Claim, claimed_job, fenced_session
 from worker.training.loop import TrainingResult
 
 RESULT_FILENAME = "step_metrics.csv"
-
-
-def adapter_key(claim: Claim) -> str:
-    return f"models/{claim.job_id}/attempt-{claim.attempt}"
 
 
 def publish(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> str:
     storage = ctx.storage
     csv = result.metrics_csv().encode()
     result_file_id = ids.file_id()
-    storage.put_dir(adapter_key(claim), result.adapter_dir)
-    writer = storage.writer(file_storage_key(result_file_id))
+    adapter = adapter_key(claim.job_id, claim.attempt)
+    storage.put_dir(adapter, result.adapter_dir)
+    writer = storage.writer(file_key(result_file_id))
     writer.write(csv)
     writer.commit()
     try:
-        with fenced_session(ctx.sessionmaker, claim, ctx.settings, "running") as session:
-            job = session.scalar(select(Job).where(Job.id == claim.job_id))
+        with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
+            job = claimed_job(session, claim)
             project = session.scalar(select(Project.name).where(Project.id == job.project_id))
             model = ids.fine_tuned_model_name(job.base_model, project, job.suffix, job.id)
             session.add(
@@ -42,7 +39,7 @@ def publish(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> str:
                     project_id=job.project_id,
                     job_id=job.id,
                     base_model=job.base_model,
-                    storage_key=adapter_key(claim),
+                    storage_key=adapter,
                 )
             )
             for checkpoint in session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job.id)):
@@ -67,13 +64,12 @@ def publish(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> str:
                     status="processed",
                 )
             )
-            job.status, job.finished_at, job.fine_tuned_model = "succeeded", now(), model
-            job.trained_tokens, job.result_files = result.trained_tokens, [result_file_id]
-            job.lease_until = job.estimated_finish = None
-            add_event(session, job.id, f"New fine-tuned model created: {model}", data={"model": model})
-            add_event(session, job.id, "The job has successfully completed")
+            # The fence above holds the row, so the move cannot lose.
+            transitions.succeed(
+                session, job, model=model, trained_tokens=result.trained_tokens, result_files=[result_file_id]
+            )
     except BaseException:
-        storage.delete(adapter_key(claim))
-        storage.delete(file_storage_key(result_file_id))
+        storage.delete(adapter)
+        storage.delete(file_key(result_file_id))
         raise
     return model

@@ -15,17 +15,19 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app import ids
 from app.db import session_scope
-from app.services.files import storage_key as file_storage_key
-from app.services.jobs import add_event
+from app.jobs import transitions
+from app.jobs.checkpoints import latest_checkpoint
+from app.jobs.events import add_event
+from app.jobs.spec import resolve_spec
+from app.jobs.storage_keys import checkpoint_key, file_key
 from app.tables import File, FineTunedModel, Job, JobCheckpoint, Project
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
-from worker.leases import Claim, LeaseLost, claim_job, fail_job, fenced_session
+from worker.leases import Claim, LeaseLost, claim_job, claimed_job, fenced_session
 from worker.publish import publish
 from worker.training.callbacks import TrainingCallbacks
 from worker.training.errors import TrainingError
 from worker.training.loop import train
-from worker.training.spec import resolve_spec
 
 log = logging.getLogger("tuneserve.runner")
 
@@ -40,10 +42,6 @@ CHECKPOINT_METRICS = (
 )
 
 
-def checkpoint_key(claim: Claim, step: int) -> str:
-    return f"jobs/{claim.job_id}/checkpoints/step-{step:06d}-attempt-{claim.attempt}"
-
-
 class JobCallbacks(TrainingCallbacks):
     """The loop's callbacks for a job: every write is fenced by the claim."""
 
@@ -54,8 +52,8 @@ class JobCallbacks(TrainingCallbacks):
         self._flushed_at = time.monotonic()
         self._flush_every = ctx.settings.job_heartbeat_seconds
 
-    def _write(self, *statuses: str):
-        return fenced_session(self._ctx.sessionmaker, self._claim, self._ctx.settings, *statuses)
+    def _write(self):
+        return fenced_session(self._ctx.sessionmaker, self._claim, self._ctx.settings)
 
     def on_metrics(self, row: dict) -> None:
         self._pending_metrics = row  # completed in on_progress, which follows it and knows the step count
@@ -75,8 +73,7 @@ class JobCallbacks(TrainingCallbacks):
         if not events:
             return
         try:
-            # "paused" too: the steps under way when a pause came in are still reported.
-            with self._write("running", "paused") as session:
+            with self._write() as session:
                 for message, data in events:
                     add_event(session, self._claim.job_id, message, type="metrics", data=data)
         except LeaseLost:
@@ -86,10 +83,10 @@ class JobCallbacks(TrainingCallbacks):
         self.flush_metrics()  # a checkpoint's events follow the steps before it
         if step == 0:
             return  # paused before the first step: nothing worth keeping
-        key = checkpoint_key(self._claim, step)
+        key = checkpoint_key(self._claim.job_id, self._claim.attempt, step)
         self._ctx.storage.put_dir(key, checkpoint_dir)
         try:
-            with self._write("running", "paused") as session:
+            with self._write() as session:
                 exists = session.scalar(
                     select(JobCheckpoint.id).where(
                         JobCheckpoint.job_id == self._claim.job_id, JobCheckpoint.step_number == step
@@ -147,12 +144,7 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         job = session.scalar(select(Job).where(Job.id == claim.job_id))
         project = session.scalar(select(Project.name).where(Project.id == job.project_id))
         training = session.scalar(select(File).where(File.id == job.training_file))
-        resume = session.scalar(
-            select(JobCheckpoint)
-            .where(JobCheckpoint.job_id == job.id)
-            .order_by(JobCheckpoint.step_number.desc())
-            .limit(1)
-        )
+        resume = latest_checkpoint(session, job.id)
         session.expunge_all()
     model_name = ids.fine_tuned_model_name(job.base_model, project, job.suffix, job.id)
     storage = ctx.storage
@@ -162,12 +154,12 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         if job.parent_model:
             options, init_adapter = _continue_from(ctx, job)
         spec = resolve_spec(options, training.n_examples, defaults=base.defaults, seed=job.seed)
-        with fenced_session(ctx.sessionmaker, claim, ctx.settings, "running") as session:
+        with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
             session.get(Job, job.seq).resolved_hyperparameters = spec.to_dict()
         result = train(
             spec,
-            storage.local_path(file_storage_key(job.training_file)),
-            storage.local_path(file_storage_key(job.validation_file)) if job.validation_file else None,
+            storage.local_path(file_key(job.training_file)),
+            storage.local_path(file_key(job.validation_file)) if job.validation_file else None,
             base,
             work_dir,
             JobCallbacks(ctx, claim, heartbeat, model_name),
@@ -175,8 +167,7 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
             init_adapter=init_adapter,
         )
         if result.stopped == "pause":
-            _release_paused(ctx, claim, result.n_steps)
-            return "paused"
+            return _release_paused(ctx, claim, result.n_steps)
         if result.stopped == "cancel":
             return "cancelled"
         _report_dropped(ctx, claim, result)
@@ -221,14 +212,20 @@ def _continue_from(ctx: WorkerContext, job: Job) -> tuple[dict, Path]:
 
 
 def _fail(ctx: WorkerContext, claim: Claim, code: str, message: str, param: str | None = None) -> None:
-    with fenced_session(ctx.sessionmaker, claim, ctx.settings, "running") as session:
-        fail_job(session, session.scalar(select(Job).where(Job.id == claim.job_id)), code, message, param)
+    with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
+        transitions.fail(session, claimed_job(session, claim), code, message, param)
 
 
-def _release_paused(ctx: WorkerContext, claim: Claim, step: int) -> None:
-    with fenced_session(ctx.sessionmaker, claim, ctx.settings, "paused") as session:
-        session.scalar(select(Job).where(Job.id == claim.job_id)).lease_until = None
-        add_event(session, claim.job_id, f"Training paused at step {step}; resume continues from there")
+def _release_paused(ctx: WorkerContext, claim: Claim, step: int) -> str:
+    """The loop has checkpointed at `step` and stopped: the job is paused now, unless the client withdrew the
+    pause meanwhile; then it goes back to the queue and the next claim continues from that checkpoint."""
+    with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
+        job = claimed_job(session, claim)
+        if transitions.acknowledge_pause(session, job, step):
+            return "paused"
+        transitions.requeue(session, job, f"Pause withdrawn after the checkpoint at step {step}; re-queued")
+    ctx.dispatcher.send(claim.job_id)
+    return "requeued"
 
 
 def _report_dropped(ctx: WorkerContext, claim: Claim, result) -> None:
@@ -240,5 +237,5 @@ def _report_dropped(ctx: WorkerContext, claim: Claim, result) -> None:
     if result.n_dropped_no_supervised:
         notes.append(f"{result.n_dropped_no_supervised} example(s) had no trained token left and were dropped")
     if notes:
-        with fenced_session(ctx.sessionmaker, claim, ctx.settings, "running") as session:
+        with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
             add_event(session, claim.job_id, "; ".join(notes).capitalize() + ".", level="warn")

@@ -7,9 +7,9 @@ import threading
 
 from celery.signals import worker_ready
 
+from app.jobs.reconcile import reconcile
 from worker.celery_app import celery_app
 from worker.context import worker_context
-from worker.leases import reconcile
 from worker.runner import run_job
 
 log = logging.getLogger("tuneserve.tasks")

@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.errors import ServiceUnavailable
 from app.inference import InferenceEngine
+from app.jobs.broker import JobDispatcher
 from app.ml.registry import BaseModelRegistry
 from app.services import keys
 from app.services.completions import Serving
-from app.services.job_commands import JobCommands
 from app.services.keys import CurrentProject
 from app.storage import LocalStorage
 
@@ -59,18 +59,11 @@ def current_project(
 ProjectDep = Annotated[CurrentProject, Depends(current_project)]
 
 
-def job_commands(
-    request: Request,
-    session: SessionDep,
-    factory: SessionmakerDep,
-    project: ProjectDep,
-    settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> JobCommands:
-    return JobCommands(session, factory, project, settings, request.app.state.dispatcher, idempotency_key)
+def get_dispatcher(request: Request) -> JobDispatcher:
+    return request.app.state.dispatcher
 
 
-JobCommandsDep = Annotated[JobCommands, Depends(job_commands)]
+DispatcherDep = Annotated[JobDispatcher, Depends(get_dispatcher)]
 
 
 def get_inference(request: Request) -> InferenceEngine | None:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from app.jobs.status import JobStatus
 from app.tables import Job, JobCheckpoint, JobEvent
 
 AutoOr = Literal["auto"] | int | float
@@ -76,7 +77,7 @@ class FineTuningJob(BaseModel):
     created_at: int
     model: str
     organization_id: str
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
+    status: JobStatus
     fine_tuned_model: str | None
     finished_at: int | None
     trained_tokens: int | None
@@ -166,7 +167,7 @@ def job_object(row: Job, organization_id: str) -> FineTuningJob:
         fine_tuned_model=row.fine_tuned_model,
         finished_at=row.finished_at,
         trained_tokens=row.trained_tokens,
-        estimated_finish=row.estimated_finish if row.status == "running" else None,
+        estimated_finish=row.estimated_finish if row.status == JobStatus.RUNNING else None,
         training_file=row.training_file,
         validation_file=row.validation_file,
         result_files=list(row.result_files or []),

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from app import ids
 from app.datasets import StreamingValidator
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
+from app.jobs.storage_keys import file_key
 from app.services.keys import CurrentProject
 from app.storage import LocalStorage
 from app.tables import File
@@ -19,10 +20,6 @@ from app.tables import File
 UPLOAD_PURPOSES = frozenset({"fine-tune", "batch", "assistants", "vision", "user_data", "evals"})
 VALIDATED_PURPOSES = frozenset({"fine-tune"})
 MAX_FILENAME_CHARS = 255
-
-
-def storage_key(file_id: str) -> str:
-    return f"files/{file_id}"
 
 
 def clean_filename(name: str) -> str:
@@ -37,7 +34,7 @@ class FileUpload:
 
     def __init__(self, storage: LocalStorage, max_bytes: int):
         self.id = ids.file_id()
-        self._writer = storage.writer(storage_key(self.id))
+        self._writer = storage.writer(file_key(self.id))
         self._max_bytes = max_bytes
         self._sha256 = hashlib.sha256()
         self.validator = StreamingValidator()
@@ -115,7 +112,7 @@ def store_upload(
         session.commit()
     except BaseException:
         session.rollback()
-        storage.delete(storage_key(upload.id))
+        storage.delete(file_key(upload.id))
         raise
     return row
 
@@ -155,7 +152,7 @@ def list_files(
 
 
 def file_content(storage: LocalStorage, row: File) -> Iterator[bytes]:
-    return storage.iter_chunks(storage_key(row.id))
+    return storage.iter_chunks(file_key(row.id))
 
 
 def delete_file(session: Session, storage: LocalStorage, project: CurrentProject, file_id: str) -> str:
@@ -163,5 +160,5 @@ def delete_file(session: Session, storage: LocalStorage, project: CurrentProject
     session.delete(row)
     session.commit()
     # The row goes first: a crash between the two leaves an orphan blob, never a row without its bytes.
-    storage.delete(storage_key(file_id))
+    storage.delete(file_key(file_id))
     return file_id

@@ -1,30 +1,35 @@
 """The fine-tuning jobs API's rules: creation checks, listing, and the state changes a client may ask for.
 
-The worker's side of the lifecycle (claim, heartbeat, publish) is in worker/leases.py and worker/runner.py.
+The moves themselves are the job domain's (app/jobs/transitions.py), shared with the worker's side of the
+lifecycle (claim, heartbeat, publish: worker/leases.py, worker/runner.py).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import ids
 from app.datasets.report import MIN_EXAMPLES
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.errors import InvalidRequest, NotFound
+from app.jobs import transitions
+from app.jobs.broker import JobDispatcher
+from app.jobs.events import add_event
+from app.jobs.spec import DEFAULT_SEED, TrainingSpec, resolve_spec
+from app.jobs.status import JobStatus
 from app.ml.registry import BaseModelRegistry
 from app.schemas.jobs import CreateJobRequest, Hyperparameters
 from app.services.files import get_file
 from app.services.keys import CurrentProject
-from app.tables import FineTunedModel, Job, JobCheckpoint, JobEvent, now
-from worker.training.spec import DEFAULT_SEED, TrainingSpec, resolve_spec
+from app.tables import FineTunedModel, Job, JobCheckpoint, JobEvent
 
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 # Engine options a request may give, at the top level (the SDK's extra_body) or among the hyperparameters.
 ENGINE_OPTIONS = frozenset(TrainingSpec.__dataclass_fields__) - {"learning_rate", "auto", "seed"} | {
     "r",
@@ -35,10 +40,6 @@ ENGINE_OPTIONS = frozenset(TrainingSpec.__dataclass_fields__) - {"learning_rate"
 LORA_SHAPE_OPTIONS = frozenset({"lora_r", "r", "lora_alpha", "alpha", "target_modules", "use_rslora"})
 # Which data formats each method trains on.
 METHOD_FORMATS = {"supervised": ("chat", "prompt_completion")}
-
-
-def add_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message", data=None):
-    session.add(JobEvent(id=ids.event_id(), job_id=job_id, level=level, type=type, message=message, data=data))
 
 
 def _check_training_files(session: Session, project: CurrentProject, request: CreateJobRequest, method: str):
@@ -166,7 +167,7 @@ def create_job(
         method={"type": method},
         options=options,
         user_metadata=request.metadata,
-        status="queued",
+        status=JobStatus.QUEUED.value,
         result_files=[],
         attempt=0,
         # Counted as sent from the commit on: the caller sends right after, and if that send is lost the
@@ -239,45 +240,35 @@ def list_checkpoints(session: Session, project: CurrentProject, job_id: str, *, 
     return _page(session, query, JobCheckpoint.seq, after_seq, limit)
 
 
+def wake_worker(dispatcher: JobDispatcher, job: Job) -> None:
+    """Send a queued job to the workers; call after the commit that queued it."""
+    if job.status == JobStatus.QUEUED:
+        dispatcher.send(job.id)
+
+
 def _illegal(job: Job, action: str) -> InvalidRequest:
     return InvalidRequest(
         f"Cannot {action} job {job.id}: it is {job.status}.", param="fine_tuning_job_id", code="invalid_job_state"
     )
 
 
-def cancel_job(session: Session, project: CurrentProject, job_id: str) -> Job:
-    """A running worker sees the change at its next heartbeat and stops without publishing anything."""
+def _act(session: Session, project: CurrentProject, job_id: str, move: Callable[[Session, Job], bool]) -> Job:
+    """Lock the job's row, then move it; with the row locked, a move refused is a move not allowed now."""
     job = get_job(session, project, job_id, for_update=True)
-    if job.status in TERMINAL:
-        raise _illegal(job, "cancel")
-    job.status, job.finished_at, job.estimated_finish = "cancelled", now(), None
-    add_event(session, job.id, "Fine-tuning job cancelled")
+    if not move(session, job):
+        raise _illegal(job, move.__name__)
     return job
+
+
+def cancel_job(session: Session, project: CurrentProject, job_id: str) -> Job:
+    return _act(session, project, job_id, transitions.cancel)
 
 
 def pause_job(session: Session, project: CurrentProject, job_id: str) -> Job:
-    """A running worker writes a checkpoint, then lets go of the job; resume continues from that checkpoint."""
-    job = get_job(session, project, job_id, for_update=True)
-    if job.status not in ("running", "queued"):
-        raise _illegal(job, "pause")
-    job.status, job.estimated_finish = "paused", None
-    add_event(session, job.id, "Fine-tuning job paused")
-    return job
+    """A queued job pauses at once; a running one reads as running until its worker has checkpointed."""
+    return _act(session, project, job_id, transitions.pause)
 
 
 def resume_job(session: Session, project: CurrentProject, job_id: str) -> Job:
-    job = get_job(session, project, job_id, for_update=True)
-    if job.status != "paused":
-        raise _illegal(job, "resume")
-    if job.lease_until is not None and job.lease_until > now():
-        # The worker is still writing its pause checkpoint; the SDK retries a 409 by itself.
-        raise Conflict(
-            f"Job {job.id} is still pausing; try again in a moment.", param="fine_tuning_job_id", code="job_pausing"
-        )
-    job.status, job.dispatched_at = "queued", time.time()
-    add_event(session, job.id, "Fine-tuning job resumed")
-    return job
-
-
-def running_jobs(session: Session, project_id: str) -> int:
-    return session.scalar(select(func.count()).where(Job.project_id == project_id, Job.status == "running"))
+    """A paused job is queued again; resuming a running job whose pause is pending withdraws the pause."""
+    return _act(session, project, job_id, transitions.resume)

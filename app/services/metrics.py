@@ -7,10 +7,8 @@ import re
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.jobs.status import JobStatus
 from app.tables import Job
-
-JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
-
 
 BUCKET = re.compile(r"^(?P<family>.+)_bucket_le_(?P<le>\w+)$")
 
@@ -55,6 +53,6 @@ def render(session: Session, engine_metrics: dict[str, float] | None) -> str:
     lines: list[str] = []
     counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
     lines += ["# HELP tuneserve_jobs Fine-tuning jobs by status.", "# TYPE tuneserve_jobs gauge"]
-    lines += [f'tuneserve_jobs{{status="{status}"}} {counts.get(status, 0)}' for status in JOB_STATUSES]
+    lines += [f'tuneserve_jobs{{status="{status}"}} {counts.get(status, 0)}' for status in JobStatus]
     lines += _engine_lines(engine_metrics or {})
     return "\n".join(lines) + "\n"

@@ -10,11 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, inspect, select, update
 
+from app.api import idempotency
 from app.api.deps import get_registry
 from app.errors import ServiceUnavailable
-from app.services import idempotency
+from app.jobs.reconcile import purge_expired_idempotency_keys, reconcile
 from app.tables import IdempotencyKey, Job, Project
-from worker.leases import reconcile
 
 JOBS = "/v1/fine_tuning/jobs"
 KEY_COLUMN = 255  # idempotency_keys.key is VARCHAR(255) (migration 0002)
@@ -171,7 +171,7 @@ def test_the_reconciler_purges_expired_keys_and_keeps_fresh_ones(client, trainin
     assert set(stored_keys(sessionmaker)) == {"nearly-expired", "fresh"}
 
     with sessionmaker() as session:  # a second pass finds nothing more to delete
-        assert idempotency.purge_expired(session, ttl) == 0
+        assert purge_expired_idempotency_keys(session, ttl) == 0
         session.commit()
     assert set(stored_keys(sessionmaker)) == {"nearly-expired", "fresh"}
 

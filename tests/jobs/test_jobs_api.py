@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select, update
 
-from app.services.jobs import add_event
+from app.jobs.events import add_event
 from app.tables import Job, JobCheckpoint, JobEvent
 from tests.datasets.samples import jsonl, preference_example, prompt_completion_example, valid_chat_file
 
@@ -264,16 +264,24 @@ def test_state_changes_and_illegal_transitions(client, training_file, sessionmak
     assert messages[:3] == ["Fine-tuning job cancelled", "Fine-tuning job resumed", "Fine-tuning job paused"]
 
 
-def test_resume_waits_for_a_pausing_worker(client, training_file, sessionmaker):
-    import time
-
+def test_a_running_job_reads_running_until_its_worker_has_paused(client, training_file, sessionmaker):
+    """The status a client reads is true: pausing a running job asks its worker to checkpoint and let go, and
+    only then does the job read as paused; a resume meanwhile withdraws the pause."""
     job_id = create(client, training_file=training_file).json()["id"]
-    client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
-    with sessionmaker() as session:  # a worker still holds the lease while it writes its checkpoint
-        session.execute(update(Job).where(Job.id == job_id).values(lease_until=time.time() + 60))
+    base = f"/v1/fine_tuning/jobs/{job_id}"
+    with sessionmaker() as session:  # a worker has claimed it
+        session.execute(update(Job).where(Job.id == job_id).values(status="running", attempt=1))
         session.commit()
-    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
-    assert r.status_code == 409 and r.json()["error"]["code"] == "job_pausing"
+    assert client.post(f"{base}/pause").json()["status"] == "running"
+    assert client.post(f"{base}/pause").json()["status"] == "running"  # asked already: nothing more happens
+    assert client.post(f"{base}/resume").json()["status"] == "running"  # withdrawn before the worker stopped
+    with sessionmaker() as session:
+        assert session.scalar(select(Job.pause_requested).where(Job.id == job_id)) is False
+    messages = [e["message"] for e in client.get(f"{base}/events").json()["data"]]
+    assert messages[:2] == [
+        "Pause withdrawn; the job keeps running",
+        "Pause requested; the job pauses after writing a checkpoint",
+    ]
 
 
 def test_idempotency_replay_and_mismatch(client, training_file, sessionmaker):

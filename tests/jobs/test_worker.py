@@ -12,10 +12,11 @@ import torch
 from sqlalchemy import func, select, update
 
 from app.db import session_scope
+from app.jobs.reconcile import reconcile
 from app.tables import File, FineTunedModel, Job, JobCheckpoint, JobEvent
 from tests.jobs.conftest import event_messages, job_row, wait_for
 from worker.heartbeat import Heartbeat
-from worker.leases import LeaseLost, claim_job, fence, reconcile
+from worker.leases import LeaseLost, claim_job, fence
 from worker.publish import publish
 from worker.runner import JobCallbacks, run_job
 from worker.training.loop import TrainingResult
@@ -118,7 +119,7 @@ def test_a_stale_worker_can_write_nothing(ctx, sessionmaker, create_job, setting
     assert run_job(ctx, job_id) == "succeeded"  # attempt 2 trains and publishes
 
     with session_scope(sessionmaker) as session:
-        assert not fence(session, stale, settings, "running", "paused", "succeeded")
+        assert not fence(session, stale, settings)
     assert job_row(sessionmaker, job_id).attempt == 2
     assert "The job's worker stopped responding; re-queued to resume from its last checkpoint" in event_messages(
         sessionmaker, job_id
@@ -218,7 +219,8 @@ def test_pause_then_resume_continues_from_the_checkpoint(client, ctx, sessionmak
     job_id = create_job(hyperparameters={"n_epochs": 5, "batch_size": 1})  # 100 steps
     thread, outcome = run_in_thread(ctx, job_id)
     wait_for(lambda: any(m.startswith("Step 3/") for m in event_messages(sessionmaker, job_id)))
-    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+    # The job reads as running until the worker has checkpointed and let go; then as paused, at once.
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "running"
     thread.join(timeout=30)
     assert outcome == ["paused"]
     job = job_row(sessionmaker, job_id)
@@ -226,6 +228,9 @@ def test_pause_then_resume_continues_from_the_checkpoint(client, ctx, sessionmak
     with sessionmaker() as session:
         paused_at = session.scalar(select(func.max(JobCheckpoint.step_number)).where(JobCheckpoint.job_id == job_id))
     assert paused_at >= 3
+    messages = event_messages(sessionmaker, job_id)
+    acknowledged = messages.index(f"Fine-tuning job paused at step {paused_at}; resume continues from there")
+    assert not [m for m in messages[acknowledged:] if m.startswith("Step ")]  # no step after the pause
 
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
     assert run_job(ctx, job_id) == "succeeded"
@@ -291,3 +296,24 @@ def test_a_child_job_whose_parent_model_was_deleted_fails_clearly(client, ctx, s
     }
     assert child["fine_tuned_model"] is None
     assert count(sessionmaker, FineTunedModel, job_id=child_job) == 0
+
+
+def test_a_pause_withdrawn_after_the_worker_checkpointed_puts_the_job_back_in_the_queue(
+    client, ctx, sessionmaker, create_job, settings
+):
+    from dataclasses import replace
+
+    from worker.runner import _release_paused
+
+    job_id = create_job()
+    claim = claim_job(sessionmaker, job_id, settings)
+    base = f"/v1/fine_tuning/jobs/{job_id}"
+    assert client.post(f"{base}/pause").json()["status"] == "running"
+    # The loop saw the request and checkpointed; before the worker let go, the client resumed.
+    assert client.post(f"{base}/resume").json()["status"] == "running"
+    dispatcher = RecordingDispatcher()
+    assert _release_paused(replace(ctx, dispatcher=dispatcher), claim, 3) == "requeued"
+    job = job_row(sessionmaker, job_id)
+    assert (job.status, job.lease_until, dispatcher.sent) == ("queued", None, [job_id])
+    assert event_messages(sessionmaker, job_id)[-1] == "Pause withdrawn after the checkpoint at step 3; re-queued"
+    assert run_job(ctx, job_id) == "succeeded"  # and the next claim runs it

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.jobs.spec import resolve_spec
 from app.ml.chat import render_chat_prompt
 from app.ml.synthetic import intent_json_task
 from tests.training.conftest import write_jsonl
 from worker.training.loop import train
-from worker.training.spec import resolve_spec
 
 
 def greedy_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48) -> list[str]:

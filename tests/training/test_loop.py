@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from app.errors import InvalidRequest
+from app.jobs.spec import resolve_spec
 from app.ml.synthetic import intent_json_task
 from tests.training.conftest import write_jsonl
 from worker.training.callbacks import TrainingCallbacks
 from worker.training.errors import TrainingError
 from worker.training.loop import RESULT_CSV_COLUMNS, _optimizer_step, build_lora_model, load_base_model, train
-from worker.training.spec import resolve_spec
 
 CPU = torch.device("cpu")
 
@@ -141,6 +141,18 @@ def test_pause_then_resume_equals_an_uninterrupted_run(tiny, files, tmp_path):
     assert [r["step"] for r in resumed.metrics_rows] == list(range(1, 9))
     assert resumed.metrics_rows == straight.metrics_rows
     assert resumed.trained_tokens == straight.trained_tokens
+
+
+def test_a_pause_writes_no_checkpoint_where_one_already_is(tiny, files, tmp_path):
+    spec = small_spec(tiny)  # checkpoints at steps 4 and 8
+    at_checkpoint = Recorder(stop_at=4, request="pause")
+    paused = train(spec, files[0], None, tiny, tmp_path / "run", at_checkpoint)
+    assert paused.n_steps == 4 and [s for s, _, _ in at_checkpoint.checkpoints] == [4]  # the scheduled one serves
+    assert paused.last_checkpoint == at_checkpoint.checkpoints[0][1]
+
+    right_away = Recorder(stop_at=0, request="pause")  # paused again before its first step
+    again = train(spec, files[0], None, tiny, tmp_path / "run", right_away, resume_from=paused.last_checkpoint)
+    assert again.n_steps == 4 and right_away.checkpoints == [] and again.last_checkpoint == paused.last_checkpoint
 
 
 def test_cancel_stops_before_the_next_step_and_leaves_no_adapter(tiny, files, tmp_path):

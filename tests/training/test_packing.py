@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.jobs.spec import resolve_spec
 from app.ml.synthetic import varied_length_chat
 from worker.training.attention import SEGMENT_ATTENTION
 from worker.training.data import tokenize_examples
@@ -17,7 +18,6 @@ from worker.training.packing import (
     plan_epoch,
     step_micro_batches,
 )
-from worker.training.spec import resolve_spec
 
 CPU = torch.device("cpu")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from app.errors import InvalidRequest
+from app.jobs.spec import TrainingSpec, auto_batch_size, auto_n_epochs, resolve_spec
 from app.ml.registry import PRETRAINED_DEFAULTS, TINY_DEFAULTS
-from worker.training.spec import TrainingSpec, auto_batch_size, auto_n_epochs, resolve_spec
 
 
 def test_auto_epochs_give_small_datasets_enough_passes_and_cap_large_ones():

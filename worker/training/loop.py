@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.jobs.spec import TrainingSpec
 from app.ml.base_model import load_causal_lm, load_tokenizer
 from app.ml.device import pick_device
 from worker.training.attention import SEGMENT_ATTENTION
@@ -27,7 +28,6 @@ from worker.training.data import TokenizedDataset, TokenizedExample, load_datase
 from worker.training.errors import TrainingError
 from worker.training.loss import loss_sums
 from worker.training.packing import plan_epoch, step_micro_batches
-from worker.training.spec import TrainingSpec
 
 RESULT_CSV_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
 # Validation examples scored every `eval_every` steps (the full set is scored at the end).
@@ -267,6 +267,14 @@ def train(
         callbacks.on_checkpoint(step, path, dict(rows[-1]) if rows else {"step": step})
         return path
 
+    def pause_checkpoint(step: int) -> Path:
+        """A pause needs a checkpoint at `step`; it writes one only if this run has none there yet."""
+        if checkpoints and checkpoints[-1][0] == step:
+            return checkpoints[-1][1]
+        if resume_from is not None and step == start_step:
+            return Path(resume_from)
+        return checkpoint(step)
+
     checkpoint_steps = _checkpoint_steps(spec, total_steps)
     plans: dict[int, list[list[int]]] = {}
     started = time.monotonic()
@@ -275,7 +283,7 @@ def train(
         if stop == "cancel":
             return result("cancel", None, step)
         if stop == "pause":
-            return result("pause", None, step, last_ckpt=checkpoint(step))
+            return result("pause", None, step, last_ckpt=pause_checkpoint(step))
 
         epoch, index = divmod(step, steps_per_epoch)
         if epoch not in plans:

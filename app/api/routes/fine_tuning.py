@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 
-from app.api.deps import JobCommandsDep, ProjectDep, RegistryDep, SessionDep
+from app.api.deps import DispatcherDep, ProjectDep, RegistryDep, SessionDep
+from app.api.idempotency import IdempotencyDep
 from app.schemas.errors import ERROR_RESPONSES
 from app.schemas.jobs import (
     CheckpointList,
@@ -27,14 +27,23 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], response
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
-def _answer(result: tuple[int, dict]) -> JSONResponse:
-    status, body = result
-    return JSONResponse(body, status_code=status)
+# The routes that change a job take an Idempotency-Key (IdempotencyDep), commit the change with their answer,
+# and only then wake a worker, so a task never names a job that is not in the database.
 
 
 @router.post("", response_model=FineTuningJob)
-def create_fine_tuning_job(body: CreateJobRequest, commands: JobCommandsDep, registry: RegistryDep):
-    return _answer(commands.create(body, registry))
+def create_fine_tuning_job(
+    body: CreateJobRequest,
+    session: SessionDep,
+    project: ProjectDep,
+    registry: RegistryDep,
+    once: IdempotencyDep,
+    dispatcher: DispatcherDep,
+) -> FineTuningJob:
+    job = jobs.create_job(session, project, registry, body)
+    answer = once.commit(session, job_object(job, project.id))
+    jobs.wake_worker(dispatcher, job)
+    return answer
 
 
 @router.get("", response_model=JobList)
@@ -57,18 +66,29 @@ def retrieve_fine_tuning_job(fine_tuning_job_id: str, project: ProjectDep, sessi
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
-def cancel_fine_tuning_job(fine_tuning_job_id: str, commands: JobCommandsDep):
-    return _answer(commands.act(fine_tuning_job_id, "cancel"))
+def cancel_fine_tuning_job(
+    fine_tuning_job_id: str, session: SessionDep, project: ProjectDep, once: IdempotencyDep
+) -> FineTuningJob:
+    job = jobs.cancel_job(session, project, fine_tuning_job_id)
+    return once.commit(session, job_object(job, project.id))
 
 
 @router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
-def pause_fine_tuning_job(fine_tuning_job_id: str, commands: JobCommandsDep):
-    return _answer(commands.act(fine_tuning_job_id, "pause"))
+def pause_fine_tuning_job(
+    fine_tuning_job_id: str, session: SessionDep, project: ProjectDep, once: IdempotencyDep
+) -> FineTuningJob:
+    job = jobs.pause_job(session, project, fine_tuning_job_id)
+    return once.commit(session, job_object(job, project.id))
 
 
 @router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob)
-def resume_fine_tuning_job(fine_tuning_job_id: str, commands: JobCommandsDep):
-    return _answer(commands.act(fine_tuning_job_id, "resume"))
+def resume_fine_tuning_job(
+    fine_tuning_job_id: str, session: SessionDep, project: ProjectDep, once: IdempotencyDep, dispatcher: DispatcherDep
+) -> FineTuningJob:
+    job = jobs.resume_job(session, project, fine_tuning_job_id)
+    answer = once.commit(session, job_object(job, project.id))
+    jobs.wake_worker(dispatcher, job)
+    return answer
 
 
 @router.get("/{fine_tuning_job_id}/events", response_model=JobEventList)

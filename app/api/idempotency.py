@@ -1,19 +1,30 @@
-"""Idempotency keys (Stripe's contract): the first response to a POST with an `Idempotency-Key` is stored
-per project and replayed to retries of the same request; the same key with another body is 422; a retry
-while the first request is still in flight is 409 (which the openai SDK retries by itself)."""
+"""Idempotency keys (Stripe's contract), an API concern: the first answer to a POST with an `Idempotency-Key`
+is stored per project and replayed to retries of the same request; the same key with another request is 422; a
+retry while the first request is still in flight is 409 (which the openai SDK retries by itself).
+
+A route takes `IdempotencyDep`: the dependency claims the key before the route runs (a replay answers at once,
+the route never runs), the route makes its change and calls `commit`, which stores the answer in the change's
+own transaction. A client error is stored like any answer; a server error releases the key so a retry can
+succeed. Services know nothing of this. Expired keys are purged by the reconciler (app/jobs/reconcile.py).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from typing import Annotated, TypeVar
 
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.deps import ProjectDep, SessionmakerDep, SettingsDep
 from app.errors import Conflict, TuneserveError, Unprocessable
 from app.services.keys import CurrentProject
 from app.tables import IdempotencyKey
@@ -22,11 +33,15 @@ from app.tables import IdempotencyKey
 IN_FLIGHT_TIMEOUT_SECONDS = 60.0
 MAX_KEY_LENGTH = 255
 
+Answer = TypeVar("Answer", bound=BaseModel)
 
-@dataclass
-class Replay:
-    status_code: int
-    body: dict
+
+class Replayed(Exception):
+    """The stored answer to a request already made: sent as it was first given, whatever its status."""
+
+    def __init__(self, status_code: int, body: dict):
+        super().__init__(status_code)
+        self.status_code, self.body = status_code, body
 
 
 def fingerprint(method: str, path: str, body: dict) -> str:
@@ -36,7 +51,7 @@ def fingerprint(method: str, path: str, body: dict) -> str:
 
 def begin(
     factory: sessionmaker[Session], project: CurrentProject, key: str, request_hash: str, ttl_seconds: float
-) -> Replay | None:
+) -> Replayed | None:
     """Claim the key for this request (None: go ahead) or return the stored response to replay."""
     if not key or len(key) > MAX_KEY_LENGTH:
         raise Unprocessable(f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters.", param="Idempotency-Key")
@@ -77,7 +92,7 @@ def begin(
             )
         if row.status_code is None:
             raise Conflict("A request with this Idempotency-Key is still in progress.", code="idempotency_key_in_use")
-        return Replay(row.status_code, row.response)
+        return Replayed(row.status_code, row.response)
 
 
 def complete(session: Session, project: CurrentProject, key: str, status_code: int, body: dict) -> None:
@@ -104,41 +119,64 @@ def release(session: Session, project: CurrentProject, key: str) -> None:
     session.execute(delete(IdempotencyKey).where(IdempotencyKey.project_id == project.id, IdempotencyKey.key == key))
 
 
-def purge_expired(session: Session, ttl_seconds: float) -> int:
-    result = session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < time.time() - ttl_seconds))
-    return result.rowcount
+def install_replay_handler(app: FastAPI) -> None:
+    @app.exception_handler(Replayed)
+    async def _replay(_request: Request, exc: Replayed):
+        return JSONResponse(exc.body, status_code=exc.status_code)
 
 
-def run(
-    factory: sessionmaker[Session],
-    session: Session,
-    project: CurrentProject,
-    key: str | None,
-    request_hash: str,
-    ttl_seconds: float,
-    action: Callable[[Session], dict],
-) -> tuple[int, dict, bool]:
-    """Run `action` (which changes `session` and returns the response body) once per key, committing its change
-    and the stored response together. Returns (status code, body, replayed)."""
-    if key is None:
-        body = action(session)
+class IdempotentRequest:
+    """This request's hold on its key, if it sent one."""
+
+    def __init__(self, factory: sessionmaker[Session], project: CurrentProject, key: str | None):
+        self.factory, self.project, self.key = factory, project, key
+
+    def commit(self, session: Session, answer: Answer) -> Answer:
+        """Store `answer` with the change in `session`, and commit both at once."""
+        if self.key is not None:
+            complete(session, self.project, self.key, 200, answer.model_dump(mode="json"))
         session.commit()
-        return 200, body, False
-    replay = begin(factory, project, key, request_hash, ttl_seconds)
-    if replay is not None:
-        return replay.status_code, replay.body, True
+        return answer
+
+
+def _request_json(raw: bytes):
     try:
-        body = action(session)
-        complete(session, project, key, 200, body)
-        session.commit()
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return raw.decode("utf-8", "replace")  # not JSON: the route refuses it; fingerprint the text
+
+
+async def idempotent_request(
+    request: Request,
+    factory: SessionmakerDep,
+    project: ProjectDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> AsyncIterator[IdempotentRequest]:
+    held = IdempotentRequest(factory, project, idempotency_key)
+    if idempotency_key is None:
+        yield held
+        return
+    request_hash = fingerprint(request.method, request.url.path, _request_json(await request.body()))
+    replay = await run_in_threadpool(
+        begin, factory, project, idempotency_key, request_hash, settings.idempotency_ttl_seconds
+    )
+    if replay is not None:
+        raise Replayed(replay.status_code, replay.body)
+    try:
+        yield held
     except TuneserveError as error:
-        session.rollback()
-        record_error(factory, project, key, error)
+        await run_in_threadpool(record_error, factory, project, idempotency_key, error)
         raise
     except BaseException:
-        session.rollback()
-        with factory() as cleanup:
-            release(cleanup, project, key)
-            cleanup.commit()
+        await run_in_threadpool(_release_now, factory, project, idempotency_key)
         raise
-    return 200, body, False
+
+
+def _release_now(factory: sessionmaker[Session], project: CurrentProject, key: str) -> None:
+    with factory() as session:
+        release(session, project, key)
+        session.commit()
+
+
+IdempotencyDep = Annotated[IdempotentRequest, Depends(idempotent_request)]

@@ -1,0 +1,73 @@
+"""Re-driving what the broker lost, from the job rows: running jobs whose lease expired go back to the queue
+(or fail, after `max_job_attempts`), jobs left queued are sent again, and expired idempotency keys are purged.
+Run once by the API at start-up and every `reconcile_interval_seconds` by every worker. Safe from many
+processes at once: every change is a compare-and-set."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db import session_scope
+from app.jobs import transitions
+from app.jobs.checkpoints import latest_checkpoint
+from app.jobs.status import JobStatus
+from app.tables import IdempotencyKey, Job
+
+log = logging.getLogger("tuneserve.reconcile")
+
+
+class Dispatcher(Protocol):
+    def send(self, job_id: str) -> bool: ...
+
+
+def give_up(session: Session, job: Job) -> bool:
+    """Fail a job whose workers kept dying without finishing it."""
+    checkpoint = latest_checkpoint(session, job.id)
+    where = f" The last checkpoint was at step {checkpoint.step_number}." if checkpoint else ""
+    message = (
+        f"The job's worker stopped without finishing {job.attempt} times (lost, killed or out of memory); "
+        f"giving up.{where} Check the worker logs, then start a new job."
+    )
+    return transitions.fail(session, job, "max_attempts_exceeded", message)
+
+
+def purge_expired_idempotency_keys(session: Session, ttl_seconds: float) -> int:
+    result = session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < time.time() - ttl_seconds))
+    return result.rowcount
+
+
+def reconcile(factory: sessionmaker[Session], dispatcher: Dispatcher, settings: Settings) -> dict[str, int]:
+    """One pass; returns what it did."""
+    t = time.time()
+    counts = {"requeued": 0, "failed": 0, "sent": 0}
+    with session_scope(factory) as session:
+        expired = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_until < t)).all()
+        for job in expired:
+            if job.attempt >= settings.max_job_attempts:
+                counts["failed"] += give_up(session, job)
+            else:
+                counts["requeued"] += transitions.requeue(
+                    session, job, "The job's worker stopped responding; re-queued to resume from its last checkpoint"
+                )
+        purge_expired_idempotency_keys(session, settings.idempotency_ttl_seconds)
+    with session_scope(factory) as session:
+        due = session.scalars(
+            select(Job.id).where(
+                Job.status == JobStatus.QUEUED,
+                or_(Job.dispatched_at.is_(None), Job.dispatched_at < t - settings.job_redispatch_seconds),
+            )
+        ).all()
+    for job_id in due:
+        if dispatcher.send(job_id):
+            with session_scope(factory) as session:
+                session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=time.time()))
+            counts["sent"] += 1
+    if any(counts.values()):
+        log.info("reconciled jobs: %s", counts)
+    return counts

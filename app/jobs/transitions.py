@@ -1,0 +1,161 @@
+"""The job state machine: the one table of legal moves, and each move as one compare-and-set.
+
+Every status write in the service goes through a function here. Each updates the row only if its status and
+attempt are still what the caller read (so two writers never both win), writes the move's event in the same
+transaction, and returns whether it won. The API locks the row before it moves a job, so for the API a lost
+compare-and-set means an illegal move; a worker moves only jobs its fenced claim owns (see worker/leases.py).
+
+  queued --claim--> running --succeed--> succeeded
+    ^                 |  \\--fail--> failed
+    |                 |   \\--requeue (lease expired)--> queued
+    |                 |--request_pause (job stays running; the worker checkpoints, then)--
+    |                 |--acknowledge_pause--> paused --resume--> queued
+  any but succeeded/failed/cancelled --cancel--> cancelled
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app.jobs.events import add_event
+from app.jobs.status import TERMINAL, JobStatus
+from app.tables import Job, now
+
+S = JobStatus
+# move -> (the statuses it may start from, the status it ends in)
+LEGAL: dict[str, tuple[frozenset[JobStatus], JobStatus]] = {
+    "claim": (frozenset({S.QUEUED, S.RUNNING}), S.RUNNING),  # from running: a job whose lease expired
+    "requeue": (frozenset({S.RUNNING}), S.QUEUED),
+    "succeed": (frozenset({S.RUNNING}), S.SUCCEEDED),
+    "fail": (frozenset({S.QUEUED, S.RUNNING}), S.FAILED),
+    "request_pause": (frozenset({S.RUNNING}), S.RUNNING),
+    "pause_queued": (frozenset({S.QUEUED}), S.PAUSED),
+    "acknowledge_pause": (frozenset({S.RUNNING}), S.PAUSED),
+    "withdraw_pause": (frozenset({S.RUNNING}), S.RUNNING),
+    "resume": (frozenset({S.PAUSED}), S.QUEUED),
+    "cancel": (frozenset(S) - TERMINAL, S.CANCELLED),
+}
+
+
+def _move(session: Session, job: Job, move: str, **values) -> bool:
+    sources, target = LEGAL[move]
+    if job.status not in sources:
+        return False
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == job.status)
+        .values(status=target.value, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    session.refresh(job)
+    return True
+
+
+def claim(session: Session, job: Job, *, lease_seconds: float, worker: str, resumed_from: int | None) -> bool:
+    """A worker takes the job: the attempt number goes up by one and becomes its fencing token."""
+    attempt = job.attempt + 1
+    moved = _move(
+        session,
+        job,
+        "claim",
+        attempt=attempt,
+        lease_until=time.time() + lease_seconds,
+        worker=worker,
+        estimated_finish=None,
+        pause_requested=False,
+    )
+    if moved and resumed_from:
+        add_event(session, job.id, f"Fine-tuning job resumed from step {resumed_from} (attempt {attempt})")
+    elif moved:
+        add_event(session, job.id, "Fine-tuning job started")
+    return moved
+
+
+def requeue(session: Session, job: Job, message: str) -> bool:
+    """Back to the queue (its worker was lost, or gave the job back); the next claim resumes from the last
+    checkpoint."""
+    moved = _move(session, job, "requeue", lease_until=None, dispatched_at=None, estimated_finish=None,
+                  pause_requested=False)  # fmt: skip
+    if moved:
+        add_event(session, job.id, message, level="warn")
+    return moved
+
+
+def succeed(session: Session, job: Job, *, model: str, trained_tokens: int, result_files: list[str]) -> bool:
+    moved = _move(
+        session,
+        job,
+        "succeed",
+        finished_at=now(),
+        fine_tuned_model=model,
+        trained_tokens=trained_tokens,
+        result_files=result_files,
+        lease_until=None,
+        estimated_finish=None,
+        pause_requested=False,
+    )
+    if moved:
+        add_event(session, job.id, f"New fine-tuned model created: {model}", data={"model": model})
+        add_event(session, job.id, "The job has successfully completed")
+    return moved
+
+
+def fail(session: Session, job: Job, code: str, message: str, param: str | None = None) -> bool:
+    error = {"code": code, "message": message, "param": param}
+    moved = _move(session, job, "fail", finished_at=now(), error=error, lease_until=None, estimated_finish=None,
+                  pause_requested=False)  # fmt: skip
+    if moved:
+        add_event(session, job.id, f"Fine-tuning job failed: {message}", level="error")
+    return moved
+
+
+def cancel(session: Session, job: Job) -> bool:
+    """A running worker sees the change at its next heartbeat and stops without publishing anything."""
+    moved = _move(session, job, "cancel", finished_at=now(), estimated_finish=None, pause_requested=False)
+    if moved:
+        add_event(session, job.id, "Fine-tuning job cancelled")
+    return moved
+
+
+def pause(session: Session, job: Job) -> bool:
+    """A queued job pauses at once. A running one keeps running until its worker has written a checkpoint and
+    let go (`acknowledge_pause`), so the status a client reads is always true."""
+    if job.status == S.QUEUED:
+        moved = _move(session, job, "pause_queued", estimated_finish=None)
+        if moved:
+            add_event(session, job.id, "Fine-tuning job paused")
+        return moved
+    if job.pause_requested:
+        return job.status == S.RUNNING  # asked already: nothing more to do
+    moved = _move(session, job, "request_pause", pause_requested=True)
+    if moved:
+        add_event(session, job.id, "Pause requested; the job pauses after writing a checkpoint")
+    return moved
+
+
+def acknowledge_pause(session: Session, job: Job, step: int) -> bool:
+    """The worker has checkpointed at `step` and stopped: now the job is paused."""
+    if not job.pause_requested:
+        return False
+    moved = _move(session, job, "acknowledge_pause", lease_until=None, estimated_finish=None, pause_requested=False)
+    if moved:
+        add_event(session, job.id, f"Fine-tuning job paused at step {step}; resume continues from there")
+    return moved
+
+
+def resume(session: Session, job: Job) -> bool:
+    """A paused job goes back to the queue. A running job whose pause is still pending simply keeps running."""
+    if job.status == S.RUNNING and job.pause_requested:
+        moved = _move(session, job, "withdraw_pause", pause_requested=False)
+        if moved:
+            add_event(session, job.id, "Pause withdrawn; the job keeps running")
+        return moved
+    moved = _move(session, job, "resume", dispatched_at=time.time())
+    if moved:
+        add_event(session, job.id, "Fine-tuning job resumed")
+    return moved
