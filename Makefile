@@ -21,12 +21,14 @@ install: $(STAMP)
 run: install
 	$(BIN)/tuneserve up
 
-test: install
+test: lint
 	$(BIN)/python -m pytest
 
+# Style, formatting and the import contracts that keep the layers apart (pyproject.toml [tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python -m pip install -q -e '.[bench]'
