@@ -79,8 +79,8 @@ def claim(session: Session, job: Job, *, lease_seconds: float, worker: str, resu
 def requeue(session: Session, job: Job, message: str) -> bool:
     """Back to the queue (its worker was lost, or gave the job back); the next claim resumes from the last
     checkpoint."""
-    moved = _move(session, job, "requeue", lease_until=None, dispatched_at=None, estimated_finish=None,
-                  pause_requested=False)  # fmt: skip
+    cleared = {"lease_until": None, "dispatched_at": None, "estimated_finish": None, "pause_requested": False}
+    moved = _move(session, job, "requeue", **cleared)
     if moved:
         add_event(session, job.id, message, level="warn")
     return moved
@@ -107,8 +107,8 @@ def succeed(session: Session, job: Job, *, model: str, trained_tokens: int, resu
 
 def fail(session: Session, job: Job, code: str, message: str, param: str | None = None) -> bool:
     error = {"code": code, "message": message, "param": param}
-    moved = _move(session, job, "fail", finished_at=now(), error=error, lease_until=None, estimated_finish=None,
-                  pause_requested=False)  # fmt: skip
+    cleared = {"lease_until": None, "estimated_finish": None, "pause_requested": False}
+    moved = _move(session, job, "fail", finished_at=now(), error=error, **cleared)
     if moved:
         add_event(session, job.id, f"Fine-tuning job failed: {message}", level="error")
     return moved
