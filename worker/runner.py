@@ -3,7 +3,6 @@ as succeeded (published), paused, failed (with a code a user can act on) or not 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -20,7 +19,9 @@ from app.jobs.checkpoints import latest_checkpoint
 from app.jobs.events import add_event
 from app.jobs.spec import resolve_spec
 from app.jobs.storage_keys import checkpoint_key, file_key
-from app.tables import File, FineTunedModel, Job, JobCheckpoint, Project
+from app.ml.adapter_files import lora_shape, read_adapter_config
+from app.model_lookup import find_fine_tuned_model
+from app.tables import File, Job, JobCheckpoint, Project
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
 from worker.leases import Claim, LeaseLost, claim_job, claimed_job, fenced_session
@@ -192,23 +193,12 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
 def _continue_from(ctx: WorkerContext, job: Job) -> tuple[dict, Path]:
     """Options with the parent adapter's LoRA shape, and the adapter to start from."""
     with ctx.sessionmaker() as session:
-        parent = session.scalar(
-            select(FineTunedModel).where(
-                FineTunedModel.id == job.parent_model, FineTunedModel.project_id == job.project_id
-            )
-        )
+        parent = find_fine_tuned_model(session, job.project_id, job.parent_model)
     if parent is None:
-        raise TrainingError("model_not_found", f"The model {job.parent_model} this job continues from was deleted.",
-                            param="model")  # fmt: skip
+        message = f"The model {job.parent_model} this job continues from was deleted."
+        raise TrainingError("model_not_found", message, param="model")
     adapter = ctx.storage.local_path(parent.storage_key)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    shape = {
-        "lora_r": config["r"],
-        "lora_alpha": config["lora_alpha"],
-        "target_modules": sorted(config["target_modules"]),
-        "use_rslora": bool(config.get("use_rslora", False)),
-    }
-    return {**job.options, **shape}, adapter
+    return {**job.options, **lora_shape(read_adapter_config(adapter))}, adapter
 
 
 def _fail(ctx: WorkerContext, claim: Claim, code: str, message: str, param: str | None = None) -> None:

@@ -23,10 +23,11 @@ from app.jobs.events import add_event
 from app.jobs.spec import DEFAULT_SEED, TrainingSpec, resolve_spec
 from app.jobs.status import JobStatus
 from app.ml.registry import BaseModelRegistry
+from app.model_lookup import find_fine_tuned_model
 from app.schemas.jobs import CreateJobRequest, Hyperparameters
 from app.services.files import get_file
 from app.services.keys import CurrentProject
-from app.tables import FineTunedModel, Job, JobCheckpoint, JobEvent
+from app.tables import Job, JobCheckpoint, JobEvent
 
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
@@ -86,9 +87,7 @@ def _resolve_model(session: Session, project: CurrentProject, registry: BaseMode
     """(base model name, parent fine-tuned model or None)."""
     if model in registry.names():
         return model, None
-    parent = session.scalar(
-        select(FineTunedModel).where(FineTunedModel.id == model, FineTunedModel.project_id == project.id)
-    )
+    parent = find_fine_tuned_model(session, project.id, model)
     if parent is not None:
         return parent.base_model, parent.id
     raise InvalidRequest(
