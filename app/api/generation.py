@@ -1,25 +1,48 @@
-"""Running engine handles for an HTTP request: gather whole answers (stopping if the client leaves) or
-stream them as server-sent events in OpenAI's chunk format."""
+"""Running engine handles for an HTTP request: gather whole answers (stopping if the client leaves) or stream
+them as server-sent events, with the wire objects a `CompletionResponses` or `ChatCompletionResponses` builds."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 
 from app.errors import TuneserveError
 from app.inference import Finished, GenerationHandle, TextDelta
+from app.schemas.errors import ErrorBody, ErrorResponse
+from app.services.completion_responses import Answer
 
 DISCONNECT_POLL_SECONDS = 0.1
+# A client that leaves before the answer is ready gets nothing; 499 is what proxies log for that.
+CLIENT_CLOSED = 499
 
 
-@dataclass
-class Answer:
-    text: str
-    finished: Finished
+class Responses(Protocol):
+    """Builds the wire objects of one request's answer (see app/services/completion_responses.py)."""
+
+    stream: bool
+
+    def opening_chunk(self, index: int) -> BaseModel | None: ...
+    def event_chunk(self, index: int, event: TextDelta | Finished) -> BaseModel: ...
+    def usage_chunk(self, finished: list[Finished]) -> BaseModel | None: ...
+    def whole(self, answers: list[Answer]) -> BaseModel: ...
+
+
+async def respond(request: Request, handles: list[GenerationHandle], responses: Responses) -> BaseModel | Response:
+    """The answer to a submitted request: an SSE stream, or the whole response once every choice is done."""
+    if responses.stream:
+        return StreamingResponse(
+            stream_chunks(handles, responses), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    answers = await gather_answers(request, handles)
+    if answers is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return responses.whole(answers)
 
 
 async def _read(handle: GenerationHandle) -> Answer:
@@ -55,18 +78,24 @@ async def gather_answers(request: Request, handles: list[GenerationHandle]) -> l
             handle.cancel()
 
 
-def sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+def sse(payload: BaseModel | str) -> str:
+    # Compact separators and ASCII escapes: the bytes OpenAI's own streams have, which clients already parse.
+    data = payload if isinstance(payload, str) else json.dumps(payload.model_dump(mode="json"), separators=(",", ":"))
+    return f"data: {data}\n\n"
 
 
-async def stream_chunks(
-    handles: list[GenerationHandle],
-    chunk: Callable[[int, TextDelta | Finished | None], dict | None],
-    usage_chunk: Callable[[list[Finished]], dict] | None,
-) -> AsyncIterator[str]:
-    """Interleave the handles' events as they come. `chunk(index, event)` formats one choice's event (None:
-    the opening chunk of a choice); `usage_chunk` the closing usage chunk when the client asked for it.
-    Starlette cancels this generator when the client disconnects; `finally` then stops the sequences."""
+def _stream_error(error: Exception) -> ErrorResponse:
+    """A failure after the 200 went out can only be told in the stream, in the error envelope."""
+    if isinstance(error, TuneserveError):
+        return ErrorResponse.model_validate(error.envelope())
+    body = ErrorBody(message="The server had an error while generating.", type="server_error", param=None, code=None)
+    return ErrorResponse(error=body)
+
+
+async def stream_chunks(handles: list[GenerationHandle], responses: Responses) -> AsyncIterator[str]:
+    """Interleave the handles' events as they come: each choice's opening chunk, its events, then the usage chunk
+    when the client asked for it, and `[DONE]`. Starlette cancels this generator when the client disconnects;
+    `finally` then stops the sequences."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, handle: GenerationHandle) -> None:
@@ -80,26 +109,20 @@ async def stream_chunks(
     finished: list[Finished] = []
     try:
         for index in range(len(handles)):
-            opening = chunk(index, None)
+            opening = responses.opening_chunk(index)
             if opening is not None:
                 yield sse(opening)
         while len(finished) < len(handles):
             index, event = await queue.get()
             if isinstance(event, Exception):
-                error = event if isinstance(event, TuneserveError) else None
-                body = error.envelope() if error else {
-                    "error": {"message": "The server had an error while generating.", "type": "server_error",
-                              "param": None, "code": None}
-                }  # fmt: skip
-                yield sse(body)
+                yield sse(_stream_error(event))
                 return
             if isinstance(event, Finished):
                 finished.append(event)
-            formatted = chunk(index, event)
-            if formatted is not None:
-                yield sse(formatted)
-        if usage_chunk is not None:
-            yield sse(usage_chunk(finished))
+            yield sse(responses.event_chunk(index, event))
+        closing = responses.usage_chunk(finished)
+        if closing is not None:
+            yield sse(closing)
         yield sse("[DONE]")
     finally:
         for handle in handles:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 Stop = str | list[str] | None
 
@@ -107,3 +107,64 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+# Streaming (server-sent events): what the openai SDK parses as Completion and ChatCompletionChunk objects.
+
+
+class _UsageOnlyWhenAsked(BaseModel):
+    """A streamed chunk carries `usage` (null on every chunk but the final usage chunk) only when the client set
+    `stream_options.include_usage`; otherwise the key is absent, as OpenAI sends it. Whoever builds a chunk sets
+    `usage` (to None or a Usage) exactly when it was asked for."""
+
+    @model_serializer(mode="wrap")
+    def _drop_usage_unless_set(self, handler) -> dict:
+        data = handler(self)
+        if "usage" not in self.model_fields_set:
+            data.pop("usage", None)
+        return data
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionChunk(_UsageOnlyWhenAsked):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    """What a chunk adds to the assistant's message: the role once at the start (with empty content), then
+    content; the closing delta is empty. Unset keys are left out, as the SDK reads absent keys as no change."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler) -> dict:
+        return {key: value for key, value in handler(self).items() if key in self.model_fields_set}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(_UsageOnlyWhenAsked):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
