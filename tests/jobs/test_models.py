@@ -94,8 +94,11 @@ def test_deleting_a_model_takes_its_checkpoint_models_and_a_checkpoint_model_goe
 def test_another_projects_models_are_404(app_client, fine_tuned, beta_key):
     model = fine_tuned["fine_tuned_model"]
     beta = {"Authorization": f"Bearer {beta_key}"}
-    for method, path in [("GET", f"/v1/models/{model}"), ("GET", f"/v1/models/{model}/adapter"),
-                         ("DELETE", f"/v1/models/{model}")]:  # fmt: skip
+    for method, path in [
+        ("GET", f"/v1/models/{model}"),
+        ("GET", f"/v1/models/{model}/adapter"),
+        ("DELETE", f"/v1/models/{model}"),
+    ]:
         assert app_client.request(method, path, headers=beta).status_code == 404, (method, path)
     assert model not in {m["id"] for m in app_client.get("/v1/models", headers=beta).json()["data"]}
     # Nor can beta continue training from it.
