@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from app.schemas.pages import CursorPage
 from app.tables import File
 
 
@@ -33,12 +34,8 @@ class FileObject(BaseModel):
         )
 
 
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FileObject]
-    has_more: bool
-    first_id: str | None
-    last_id: str | None
+class FileList(CursorPage[FileObject]):
+    pass
 
 
 class FileDeleted(BaseModel):

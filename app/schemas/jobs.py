@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from app.jobs.status import JobStatus
+from app.schemas.pages import CursorPage, ListPage
 from app.tables import Job, JobCheckpoint, JobEvent
 
 AutoOr = Literal["auto"] | int | float
@@ -94,10 +95,8 @@ class FineTuningJob(BaseModel):
     user_provided_suffix: str | None
 
 
-class JobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningJob]
-    has_more: bool
+class JobList(ListPage[FineTuningJob]):
+    pass
 
 
 class JobEventObject(BaseModel):
@@ -116,10 +115,8 @@ class JobEventObject(BaseModel):
         )
 
 
-class JobEventList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[JobEventObject]
-    has_more: bool
+class JobEventList(ListPage[JobEventObject]):
+    pass
 
 
 class CheckpointObject(BaseModel):
@@ -143,12 +140,8 @@ class CheckpointObject(BaseModel):
         )
 
 
-class CheckpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[CheckpointObject]
-    has_more: bool
-    first_id: str | None
-    last_id: str | None
+class CheckpointList(CursorPage[CheckpointObject]):
+    pass
 
 
 def job_object(row: Job, organization_id: str) -> FineTuningJob:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,6 +13,7 @@ from app.datasets import StreamingValidator
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.jobs.storage_keys import file_key
 from app.services.keys import CurrentProject
+from app.services.pagination import Page, keyset_page
 from app.storage import LocalStorage
 from app.tables import File
 
@@ -125,12 +125,6 @@ def get_file(session: Session, project: CurrentProject, file_id: str) -> File:
     return row
 
 
-@dataclass
-class FilePage:
-    data: list[File]
-    has_more: bool
-
-
 def list_files(
     session: Session,
     project: CurrentProject,
@@ -139,16 +133,12 @@ def list_files(
     limit: int,
     order: str,
     purpose: str | None,
-) -> FilePage:
+) -> Page[File]:
     query = select(File).where(File.project_id == project.id)
     if purpose:
         query = query.where(File.purpose == purpose)
-    if after:
-        cursor = get_file(session, project, after)
-        query = query.where(File.seq < cursor.seq if order == "desc" else File.seq > cursor.seq)
-    query = query.order_by(File.seq.desc() if order == "desc" else File.seq.asc()).limit(limit + 1)
-    rows = list(session.scalars(query))
-    return FilePage(data=rows[:limit], has_more=len(rows) > limit)
+    after_seq = get_file(session, project, after).seq if after else None
+    return keyset_page(session, query, File.seq, after=after_seq, limit=limit, descending=order == "desc")
 
 
 def file_content(storage: LocalStorage, row: File) -> Iterator[bytes]:

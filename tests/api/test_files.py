@@ -158,6 +158,11 @@ def test_list_pagination_order_and_purpose(client):
 
     asc = client.get("/v1/files", params={"order": "asc", "purpose": "fine-tune"}).json()
     assert [f["id"] for f in asc["data"]] == ids
+    # In ascending order `after` walks forward.
+    page = client.get("/v1/files", params={"order": "asc", "purpose": "fine-tune", "limit": 2, "after": ids[1]}).json()
+    assert [f["id"] for f in page["data"]] == [ids[2], ids[3]] and page["has_more"] is True
+    empty = client.get("/v1/files", params={"order": "asc", "purpose": "fine-tune", "after": ids[4]}).json()
+    assert empty == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
 
 
 def test_list_parameter_validation(client):

@@ -12,7 +12,6 @@ from app.api.deps import ProjectDep, SessionDep, SettingsDep, StorageDep
 from app.api.uploads import receive_upload
 from app.schemas.errors import ERROR_RESPONSES
 from app.schemas.files import FileDeleted, FileList, FileObject
-from app.schemas.pages import cursor_page
 from app.services import files
 from app.services.files import FileUpload
 
@@ -65,7 +64,7 @@ def list_files(
     purpose: str | None = None,
 ) -> FileList:
     page = files.list_files(session, project, after=after, limit=limit, order=order, purpose=purpose)
-    return FileList(**cursor_page([FileObject.of(row) for row in page.data], page.has_more))
+    return FileList.of(page, FileObject.of)
 
 
 @router.get("/{file_id}", response_model=FileObject)
