@@ -9,7 +9,7 @@ from pydantic_core import PydanticCustomError
 
 from app.jobs.status import JobStatus
 from app.schemas.pages import CursorPage, ListPage
-from app.tables import Job, JobCheckpoint, JobEvent
+from app.tables import EventLevel, EventType, Job, JobCheckpoint, JobEvent
 
 AutoOr = Literal["auto"] | int | float
 
@@ -49,15 +49,17 @@ class CreateJobRequest(BaseModel):
     method: Method | None = None
     hyperparameters: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
-    integrations: list[dict[str, Any]] | None = None
+    # None are supported: the schema says so (no items), and a request that names one is refused by name.
+    integrations: list[dict[str, Any]] | None = Field(default=None, max_length=0)
 
-    @field_validator("integrations")
+    @field_validator("integrations", mode="before")
     @classmethod
-    def _no_integrations(cls, integrations: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    def _no_integrations(cls, integrations: Any) -> Any:
         # Nothing here reports to Weights & Biases or anywhere else: accepting one would drop it silently and
         # the client would wait for a run that never appears. An empty list asks for nothing, so it passes.
-        if integrations:
-            kinds = ", ".join(sorted({str(item.get("type"))[:64] for item in integrations}))
+        if isinstance(integrations, list) and integrations:
+            names = {str(item.get("type") if isinstance(item, dict) else item)[:64] for item in integrations}
+            kinds = ", ".join(sorted(names))
             raise PydanticCustomError(
                 "unsupported_parameter", "integrations are not supported (requested: {kinds})", {"kinds": kinds}
             )
@@ -103,9 +105,9 @@ class JobEventObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
-    level: Literal["info", "warn", "error"]
+    level: EventLevel
     message: str
-    type: Literal["message", "metrics"]
+    type: EventType
     data: dict[str, Any] | None
 
     @classmethod
@@ -156,7 +158,7 @@ def job_object(row: Job, organization_id: str) -> FineTuningJob:
         created_at=row.created_at,
         model=row.model,
         organization_id=organization_id,
-        status=row.status,
+        status=JobStatus(row.status),
         fine_tuned_model=row.fine_tuned_model,
         finished_at=row.finished_at,
         trained_tokens=row.trained_tokens,
