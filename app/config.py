@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceParseError
 
@@ -50,7 +50,7 @@ class Settings(BaseSettings):
 
     @field_validator("job_heartbeat_seconds")
     @classmethod
-    def _heartbeat_within_lease(cls, value: float, info):
+    def _heartbeat_within_lease(cls, value: float, info: ValidationInfo) -> float:
         lease = info.data.get("job_lease_seconds")
         if lease is not None and value * 2 > lease:
             raise ValueError(f"must be at most half of TUNESERVE_JOB_LEASE_SECONDS ({lease}), so one late beat is safe")
@@ -73,7 +73,7 @@ class Settings(BaseSettings):
         return self.data_dir / "storage"
 
 
-def load_settings(**overrides) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Build Settings, turning pydantic's report into one line that names the variable."""
     try:
         return Settings(**overrides)

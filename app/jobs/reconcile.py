@@ -13,7 +13,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.db import session_scope
+from app.db import rows_matched, session_scope
 from app.jobs import transitions
 from app.jobs.checkpoints import latest_checkpoint
 from app.jobs.status import JobStatus
@@ -38,8 +38,7 @@ def give_up(session: Session, job: Job) -> bool:
 
 
 def purge_expired_idempotency_keys(session: Session, ttl_seconds: float) -> int:
-    result = session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < time.time() - ttl_seconds))
-    return result.rowcount
+    return rows_matched(session, delete(IdempotencyKey).where(IdempotencyKey.created_at < time.time() - ttl_seconds))
 
 
 def reconcile(factory: sessionmaker[Session], dispatcher: Dispatcher, settings: Settings) -> dict[str, int]:

@@ -13,9 +13,14 @@ Its `to_dict()` is what the job echoes as the resolved `hyperparameters`.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, overload
 
 from app.errors import InvalidRequest
+
+if TYPE_CHECKING:  # imported when needed at runtime: the registry brings in the tiny model's builder
+    from app.ml.registry import TrainingDefaults
 
 AUTO = "auto"
 DEFAULT_SEED = 42
@@ -59,27 +64,63 @@ class TrainingSpec:
     micro_batch_tokens: int | None = None
     auto: list[str] = field(default_factory=list)  # which of the OpenAI three were "auto"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> TrainingSpec:
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingSpec:
         return cls(**data)
 
 
-def _defaults_dict(defaults) -> dict:
+def _defaults_dict(defaults: TrainingDefaults | Mapping[str, Any] | None) -> dict[str, Any]:
     if defaults is None:
         from app.ml.registry import TrainingDefaults
 
         return TrainingDefaults().to_dict()
-    return defaults.to_dict() if hasattr(defaults, "to_dict") else dict(defaults)
+    return dict(defaults) if isinstance(defaults, Mapping) else defaults.to_dict()
 
 
 def _bad(name: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, param=f"hyperparameters.{name}", code="invalid_hyperparameters")
 
 
-def _number(hp: dict, name: str, default, *, kind=float, lo=None, hi=None, lo_open=False):
+@overload
+def _number(
+    hp: Mapping[str, Any],
+    name: str,
+    default: float | None,
+    *,
+    kind: type[int],
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> int: ...
+
+
+@overload
+def _number(
+    hp: Mapping[str, Any],
+    name: str,
+    default: float | None,
+    *,
+    kind: type[float] = float,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> float: ...
+
+
+def _number(
+    hp: Mapping[str, Any],
+    name: str,
+    default: float | None,
+    *,
+    kind: type[float] = float,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> float:
+    """The number `name` in `hp` (or `default`), as `kind` (int or float), within the bounds."""
     value = hp.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad(name, f"{name} must be a number, got {value!r}")
@@ -95,14 +136,14 @@ def _number(hp: dict, name: str, default, *, kind=float, lo=None, hi=None, lo_op
     return value
 
 
-def _flag(hp: dict, name: str, default: bool) -> bool:
+def _flag(hp: Mapping[str, Any], name: str, default: bool) -> bool:
     value = hp.get(name, default)
     if not isinstance(value, bool):
         raise _bad(name, f"{name} must be true or false, got {value!r}")
     return value
 
 
-def _choice(hp: dict, name: str, default: str, choices) -> str:
+def _choice(hp: Mapping[str, Any], name: str, default: str, choices: Collection[str]) -> str:
     value = hp.get(name, default)
     if value not in choices:
         raise _bad(name, f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -124,7 +165,12 @@ def auto_batch_size(n_examples: int, max_batch_size: int) -> int:
     return max(1, min(max_batch_size, 256, size))
 
 
-def resolve_spec(hyperparameters: dict | None, n_train_examples: int, defaults=None, seed: int | None = None):
+def resolve_spec(
+    hyperparameters: Mapping[str, Any] | None,
+    n_train_examples: int,
+    defaults: TrainingDefaults | Mapping[str, Any] | None = None,
+    seed: int | None = None,
+) -> TrainingSpec:
     """Resolve a request's hyperparameters against a dataset size and a base model's `TrainingDefaults`.
 
     Raises `InvalidRequest(param="hyperparameters.<name>")` for unknown names or out-of-range values.

@@ -20,6 +20,7 @@ import time
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from app.db import rows_matched
 from app.jobs.events import add_event
 from app.jobs.status import TERMINAL, JobStatus
 from app.tables import Job, now
@@ -40,17 +41,18 @@ LEGAL: dict[str, tuple[frozenset[JobStatus], JobStatus]] = {
 }
 
 
-def _move(session: Session, job: Job, move: str, **values) -> bool:
+def _move(session: Session, job: Job, move: str, **values: object) -> bool:
     sources, target = LEGAL[move]
     if job.status not in sources:
         return False
-    result = session.execute(
+    matched = rows_matched(
+        session,
         update(Job)
         .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == job.status)
         .values(status=target.value, **values)
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session=False),
     )
-    if result.rowcount != 1:
+    if matched != 1:
         return False
     session.refresh(job)
     return True
