@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# The values a few string columns hold, as the wire objects spell them (OpenAI's file status, event level and type).
+FileStatus = Literal["uploaded", "processed", "error"]
+EventLevel = Literal["info", "warn", "error"]
+EventType = Literal["message", "metrics"]
 
 
 def now() -> int:
@@ -47,7 +53,7 @@ class File(Base):
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[FileStatus] = mapped_column(String(16))
     status_details: Mapped[str | None] = mapped_column(Text)
     # For training files: the format and statistics found by validation, used by the jobs API.
     format: Mapped[str | None] = mapped_column(String(32))
@@ -99,8 +105,8 @@ class JobEvent(Base):
     id: Mapped[str] = mapped_column(String(40), unique=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    level: Mapped[str] = mapped_column(String(8))
-    type: Mapped[str] = mapped_column(String(16))
+    level: Mapped[EventLevel] = mapped_column(String(8))
+    type: Mapped[EventType] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict | None] = mapped_column(JSON)
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from app.schemas.pages import CursorPage
-from app.tables import File
+from app.tables import File, FileStatus
 
 
 class FileObject(BaseModel):
@@ -17,7 +17,7 @@ class FileObject(BaseModel):
     created_at: int
     filename: str
     purpose: str
-    status: Literal["uploaded", "processed", "error"]
+    status: FileStatus
     status_details: str | None = None
     expires_at: int | None = None
 
