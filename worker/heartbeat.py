@@ -17,6 +17,7 @@ from app.db import session_scope
 from app.tables import Job
 from worker.context import WorkerContext
 from worker.leases import Claim, fence
+from worker.training.callbacks import StopRequest
 
 log = logging.getLogger("tuneserve.heartbeat")
 
@@ -27,14 +28,14 @@ class Heartbeat:
         self._claim = claim
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job_id}", daemon=True)
-        self.stop_request: str | None = None
+        self.stop_request: StopRequest = None
         self.eta_seconds: float | None = None
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
 

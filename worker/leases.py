@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.db import session_scope
+from app.db import rows_matched, session_scope
 from app.jobs import transitions
 from app.jobs.checkpoints import latest_checkpoint
 from app.jobs.reconcile import give_up
@@ -44,16 +45,17 @@ def worker_name() -> str:
 def fence(session: Session, claim: Claim, settings: Settings) -> bool:
     """Renew the lease if this claim still owns the running job. Every worker write starts here, in the same
     transaction, so the row lock (Postgres) or write lock (SQLite) orders it against cancels."""
-    result = session.execute(
+    renewed = rows_matched(
+        session,
         update(Job)
         .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == JobStatus.RUNNING)
-        .values(lease_until=time.time() + settings.job_lease_seconds)
+        .values(lease_until=time.time() + settings.job_lease_seconds),
     )
-    return result.rowcount == 1
+    return renewed == 1
 
 
 @contextmanager
-def fenced_session(factory: sessionmaker[Session], claim: Claim, settings: Settings):
+def fenced_session(factory: sessionmaker[Session], claim: Claim, settings: Settings) -> Iterator[Session]:
     """A transaction that commits only if this claim still owns the job; otherwise `LeaseLost`."""
     with session_scope(factory) as session:
         if not fence(session, claim, settings):
@@ -62,11 +64,13 @@ def fenced_session(factory: sessionmaker[Session], claim: Claim, settings: Setti
 
 
 def claimed_job(session: Session, claim: Claim) -> Job:
-    return session.scalar(select(Job).where(Job.id == claim.job_id))
+    """The claimed job's row (it exists: a claim is only ever made on a row, and rows of claimed jobs stay)."""
+    return session.scalars(select(Job).where(Job.id == claim.job_id)).one()
 
 
 def running_jobs(session: Session, project_id: str) -> int:
-    return session.scalar(select(func.count()).where(Job.project_id == project_id, Job.status == JobStatus.RUNNING))
+    query = select(func.count()).where(Job.project_id == project_id, Job.status == JobStatus.RUNNING)
+    return session.execute(query).scalar_one()
 
 
 def claim_job(factory: sessionmaker[Session], job_id: str, settings: Settings) -> Claim | None:

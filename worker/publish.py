@@ -20,6 +20,8 @@ RESULT_FILENAME = "step_metrics.csv"
 
 
 def publish(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> str:
+    if result.adapter_dir is None:
+        raise ValueError(f"job {claim.job_id}: the run stopped ({result.stopped}) before it had an adapter to publish")
     storage = ctx.storage
     csv = result.metrics_csv().encode()
     result_file_id = ids.file_id()
@@ -31,7 +33,7 @@ def publish(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> str:
     try:
         with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
             job = claimed_job(session, claim)
-            project = session.scalar(select(Project.name).where(Project.id == job.project_id))
+            project = session.scalars(select(Project.name).where(Project.id == job.project_id)).one()
             model = ids.fine_tuned_model_name(job.base_model, project, job.suffix, job.id)
             session.add(
                 FineTunedModel(

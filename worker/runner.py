@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import torch
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
 
 from app import ids
 from app.db import session_scope
@@ -26,9 +29,9 @@ from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
 from worker.leases import Claim, LeaseLost, claim_job, claimed_job, fenced_session
 from worker.publish import publish
-from worker.training.callbacks import TrainingCallbacks
+from worker.training.callbacks import StopRequest, TrainingCallbacks
 from worker.training.errors import TrainingError
-from worker.training.loop import train
+from worker.training.loop import TrainingResult, train
 
 log = logging.getLogger("tuneserve.runner")
 
@@ -48,15 +51,15 @@ class JobCallbacks(TrainingCallbacks):
 
     def __init__(self, ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, model_name: str):
         self._ctx, self._claim, self._heartbeat, self._model_name = ctx, claim, heartbeat, model_name
-        self._pending_metrics: dict | None = None
-        self._unwritten: list[tuple[str, dict]] = []
+        self._pending_metrics: dict[str, Any] | None = None
+        self._unwritten: list[tuple[str, dict[str, Any]]] = []
         self._flushed_at = time.monotonic()
         self._flush_every = ctx.settings.job_heartbeat_seconds
 
-    def _write(self):
+    def _write(self) -> AbstractContextManager[Session]:
         return fenced_session(self._ctx.sessionmaker, self._claim, self._ctx.settings)
 
-    def on_metrics(self, row: dict) -> None:
+    def on_metrics(self, row: dict[str, Any]) -> None:
         self._pending_metrics = row  # completed in on_progress, which follows it and knows the step count
 
     def on_progress(self, step: int, total_steps: int, eta_seconds: float | None) -> None:
@@ -80,7 +83,7 @@ class JobCallbacks(TrainingCallbacks):
         except LeaseLost:
             self._heartbeat.stop_request = "cancel"
 
-    def on_checkpoint(self, step: int, checkpoint_dir: Path, metrics: dict) -> None:
+    def on_checkpoint(self, step: int, checkpoint_dir: Path, metrics: dict[str, Any]) -> None:
         self.flush_metrics()  # a checkpoint's events follow the steps before it
         if step == 0:
             return  # paused before the first step: nothing worth keeping
@@ -110,11 +113,11 @@ class JobCallbacks(TrainingCallbacks):
             self._ctx.storage.delete(key)
             self._heartbeat.stop_request = "cancel"
 
-    def should_stop(self):
+    def should_stop(self) -> StopRequest:
         return self._heartbeat.stop_request
 
 
-def _metrics_event(row: dict, total_steps: int) -> tuple[str, dict]:
+def _metrics_event(row: dict[str, Any], total_steps: int) -> tuple[str, dict[str, Any]]:
     message = f"Step {row['step']}/{total_steps}: training loss={row['train_loss']:.4f}"
     if row.get("valid_loss") is not None:
         message += f", validation loss={row['valid_loss']:.4f}"
@@ -142,9 +145,9 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
 
 def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_dir: Path) -> str:
     with session_scope(ctx.sessionmaker) as session:
-        job = session.scalar(select(Job).where(Job.id == claim.job_id))
-        project = session.scalar(select(Project.name).where(Project.id == job.project_id))
-        training = session.scalar(select(File).where(File.id == job.training_file))
+        job = claimed_job(session, claim)
+        project = session.scalars(select(Project.name).where(Project.id == job.project_id)).one()
+        training = session.scalars(select(File).where(File.id == job.training_file)).one()
         resume = latest_checkpoint(session, job.id)
         session.expunge_all()
     model_name = ids.fine_tuned_model_name(job.base_model, project, job.suffix, job.id)
@@ -153,10 +156,11 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         base = ctx.registry.resolve(job.base_model)
         options, init_adapter = job.options, None
         if job.parent_model:
-            options, init_adapter = _continue_from(ctx, job)
-        spec = resolve_spec(options, training.n_examples, defaults=base.defaults, seed=job.seed)
+            options, init_adapter = _continue_from(ctx, job, job.parent_model)
+        # A processed training file always has its example count; 0 would fail the job as having no examples.
+        spec = resolve_spec(options, training.n_examples or 0, defaults=base.defaults, seed=job.seed)
         with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
-            session.get(Job, job.seq).resolved_hyperparameters = spec.to_dict()
+            claimed_job(session, claim).resolved_hyperparameters = spec.to_dict()
         result = train(
             spec,
             storage.local_path(file_key(job.training_file)),
@@ -190,12 +194,12 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
     return "failed"
 
 
-def _continue_from(ctx: WorkerContext, job: Job) -> tuple[dict, Path]:
+def _continue_from(ctx: WorkerContext, job: Job, parent_model: str) -> tuple[dict[str, Any], Path]:
     """Options with the parent adapter's LoRA shape, and the adapter to start from."""
     with ctx.sessionmaker() as session:
-        parent = find_fine_tuned_model(session, job.project_id, job.parent_model)
+        parent = find_fine_tuned_model(session, job.project_id, parent_model)
     if parent is None:
-        message = f"The model {job.parent_model} this job continues from was deleted."
+        message = f"The model {parent_model} this job continues from was deleted."
         raise TrainingError("model_not_found", message, param="model")
     adapter = ctx.storage.local_path(parent.storage_key)
     return {**job.options, **lora_shape(read_adapter_config(adapter))}, adapter
@@ -218,7 +222,7 @@ def _release_paused(ctx: WorkerContext, claim: Claim, step: int) -> str:
     return "requeued"
 
 
-def _report_dropped(ctx: WorkerContext, claim: Claim, result) -> None:
+def _report_dropped(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> None:
     notes = []
     if result.n_dropped_too_long:
         notes.append(f"{result.n_dropped_too_long} example(s) longer than max_seq_length were dropped")

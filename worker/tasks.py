@@ -24,7 +24,7 @@ def train_job(job_id: str) -> str:
 
 
 @worker_ready.connect
-def start_reconciler(**_kwargs) -> None:
+def start_reconciler(**_kwargs: object) -> None:
     """Each worker also re-drives what the broker lost: expired leases, jobs left queued."""
     ctx = worker_context()
 

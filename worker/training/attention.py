@@ -11,6 +11,8 @@ loaded with this implementation must not be used for padded batched generation.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -28,7 +30,7 @@ def segment_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     segments: list[list[int]] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query [rows, heads, T, dim], key/value [rows, kv_heads, T, dim]; `segments[r]` are the boundaries
     (0, end_1, end_2, ..., T) of the examples in row r. Returns [rows, T, heads, dim] like SDPA's wrapper."""

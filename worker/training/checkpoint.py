@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from peft import set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from worker.training.errors import TrainingError
@@ -26,7 +28,7 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:06d}"
 
 
-def write_atomically(target: Path, write) -> Path:
+def write_atomically(target: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp_dir)`, then rename tmp_dir to `target` (replacing an older copy of the same name)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
@@ -38,9 +40,16 @@ def write_atomically(target: Path, write) -> Path:
     return target
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, progress: dict) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: dict[str, Any],
+) -> Path:
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(str(tmp))
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -56,13 +65,18 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, progress
     return write_atomically(root / checkpoint_name(step), write)
 
 
-def load_adapter_weights(model, adapter_dir: Path) -> None:
+def load_adapter_weights(model: PeftModel, adapter_dir: Path) -> None:
     """Set the LoRA weights of `model` from a saved adapter (safetensors only) of the same shape."""
     device = next(p.device for p in model.parameters())
     set_peft_model_state_dict(model, load_file(Path(adapter_dir) / ADAPTER_WEIGHTS, device=str(device)))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(
+    path: Path,
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
     """Restore adapter weights, optimizer, scheduler and RNG from `path`; return the saved progress dict."""
     path = Path(path)
     if not (path / STATE_FILE).is_file() or not (path / ADAPTER_WEIGHTS).is_file():

@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from app.errors import InvalidRequest
 from app.ml.chat import IGNORE_INDEX, ChatTemplateError, render_training_example
 from worker.training.errors import TrainingError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -43,7 +47,7 @@ class TokenizedDataset:
     def n_supervised(self) -> int:
         return sum(e.n_supervised for e in self.examples)
 
-    def counts(self) -> dict:
+    def counts(self) -> dict[str, int]:
         return {
             "n_examples_read": self.n_read,
             "n_examples_used": len(self.examples),
@@ -53,9 +57,9 @@ class TokenizedDataset:
         }
 
 
-def read_jsonl(path: Path, *, param: str = "training_file") -> list[dict]:
+def read_jsonl(path: Path, *, param: str = "training_file") -> list[dict[str, Any]]:
     """Read an already validated JSONL file; preference (DPO) data is refused for now."""
-    examples = []
+    examples: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
@@ -74,7 +78,9 @@ def shift_labels(input_ids: list[int], labels: list[int]) -> TokenizedExample:
     return TokenizedExample(list(input_ids), targets, sum(t != IGNORE_INDEX for t in targets))
 
 
-def _truncate_left(input_ids: list[int], labels: list[int], max_len: int, bos_id) -> tuple[list, list]:
+def _truncate_left(
+    input_ids: list[int], labels: list[int], max_len: int, bos_id: int | None
+) -> tuple[list[int], list[int]]:
     """Keep the last `max_len` tokens (the answer side); keep a leading BOS so the model sees a normal start."""
     if bos_id is not None and input_ids and input_ids[0] == bos_id:
         keep = max_len - 1
@@ -82,7 +88,9 @@ def _truncate_left(input_ids: list[int], labels: list[int], max_len: int, bos_id
     return input_ids[-max_len:], labels[-max_len:]
 
 
-def tokenize_examples(raw: list[dict], tokenizer, max_seq_length: int, policy: str = "drop") -> TokenizedDataset:
+def tokenize_examples(
+    raw: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_seq_length: int, policy: str = "drop"
+) -> TokenizedDataset:
     """Render every example; apply `policy` ("drop" or "truncate_left") to examples over `max_seq_length`;
     drop (and count) examples left with no supervised token."""
     out = TokenizedDataset(n_read=len(raw))
@@ -105,5 +113,7 @@ def tokenize_examples(raw: list[dict], tokenizer, max_seq_length: int, policy: s
     return out
 
 
-def load_dataset(path: Path, tokenizer, max_seq_length: int, policy: str, *, param: str) -> TokenizedDataset:
+def load_dataset(
+    path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, policy: str, *, param: str
+) -> TokenizedDataset:
     return tokenize_examples(read_jsonl(path, param=param), tokenizer, max_seq_length, policy)

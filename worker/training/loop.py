@@ -12,22 +12,27 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
+from transformers import PreTrainedModel
 
 from app.jobs.spec import TrainingSpec
 from app.ml.base_model import load_causal_lm, load_tokenizer
 from app.ml.device import pick_device
+from app.ml.registry import BaseModelInfo
 from worker.training.attention import SEGMENT_ATTENTION
-from worker.training.callbacks import TrainingCallbacks
+from worker.training.callbacks import StopRequest, TrainingCallbacks
 from worker.training.checkpoint import load_adapter_weights, load_checkpoint, save_checkpoint, write_atomically
 from worker.training.data import TokenizedDataset, TokenizedExample, load_dataset
 from worker.training.errors import TrainingError
 from worker.training.loss import loss_sums
-from worker.training.packing import plan_epoch, step_micro_batches
+from worker.training.packing import MicroBatch, plan_epoch, step_micro_batches
 
 RESULT_CSV_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
 # Validation examples scored every `eval_every` steps (the full set is scored at the end).
@@ -51,13 +56,13 @@ class TrainingResult:
     """What a run produced. `adapter_dir` is None unless the run finished (`stopped` is None)."""
 
     adapter_dir: Path | None
-    metrics_rows: list[dict]
+    metrics_rows: list[dict[str, Any]]
     trained_tokens: int  # tokens processed (prompt and answer, every epoch), padding excluded
     supervised_tokens: int  # tokens the loss was computed on
     n_steps: int  # optimizer steps completed
     total_steps: int
-    stopped: str | None  # None, "cancel" or "pause"
-    spec: dict
+    stopped: StopRequest  # None, "cancel" or "pause"
+    spec: dict[str, Any]
     n_examples: int
     n_dropped_too_long: int
     n_truncated: int
@@ -81,7 +86,9 @@ def default_attention(device: torch.device) -> str:
     return SEGMENT_ATTENTION if device.type == "cpu" else "sdpa"
 
 
-def load_base_model(name_or_path: str, device: torch.device, dtype: torch.dtype, attn_implementation=None):
+def load_base_model(
+    name_or_path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None = None
+) -> PreTrainedModel:
     try:
         model = load_causal_lm(
             name_or_path,
@@ -95,12 +102,14 @@ def load_base_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
     return model
 
 
-def build_lora_model(model, spec: TrainingSpec):
+def build_lora_model(model: PreTrainedModel, spec: TrainingSpec) -> PeftModel:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
         r=spec.lora_r,
-        lora_alpha=spec.lora_alpha,
+        # peft annotates lora_alpha as int but only ever divides by it (scaling = alpha / r, or / sqrt(r)), and
+        # a request may ask for a fractional alpha.
+        lora_alpha=spec.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=spec.lora_dropout,
         target_modules=spec.target_modules,
         use_rslora=spec.use_rslora,
@@ -112,7 +121,7 @@ def build_lora_model(model, spec: TrainingSpec):
     return get_peft_model(model, config)
 
 
-def lr_lambda(spec: TrainingSpec, total_steps: int):
+def lr_lambda(spec: TrainingSpec, total_steps: int) -> Callable[[int], float]:
     warmup = math.ceil(spec.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
@@ -128,7 +137,9 @@ def lr_lambda(spec: TrainingSpec, total_steps: int):
     return factor
 
 
-def evaluate(model, examples: list[TokenizedExample], spec: TrainingSpec, pad_id: int, device) -> tuple[float, float]:
+def evaluate(
+    model: PeftModel, examples: list[TokenizedExample], spec: TrainingSpec, pad_id: int, device: torch.device
+) -> tuple[float, float]:
     """Mean loss and token accuracy over supervised tokens of `examples` (packed, no gradients)."""
     was_training = model.training
     model.eval()
@@ -149,7 +160,7 @@ def evaluate(model, examples: list[TokenizedExample], spec: TrainingSpec, pad_id
     return loss_total / n_total, correct_total / n_total
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device) -> torch.autocast:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -167,10 +178,10 @@ def _checkpoint_steps(spec: TrainingSpec, total_steps: int) -> set[int]:
 
 
 def train(
-    spec: TrainingSpec | dict,
+    spec: TrainingSpec | dict[str, Any],
     train_path: Path,
     validation_path: Path | None,
-    base_model,
+    base_model: BaseModelInfo | str | Path,
     output_dir: Path,
     callbacks: TrainingCallbacks | None = None,
     resume_from: Path | None = None,
@@ -188,8 +199,10 @@ def train(
     spec = TrainingSpec.from_dict(spec) if isinstance(spec, dict) else spec
     callbacks = callbacks or TrainingCallbacks()
     output_dir = Path(output_dir)
-    name_or_path = getattr(base_model, "name_or_path", None) or str(base_model)
-    context_length = getattr(base_model, "context_length", None)
+    if isinstance(base_model, BaseModelInfo):
+        name_or_path, context_length = base_model.name_or_path, base_model.context_length
+    else:
+        name_or_path, context_length = str(base_model), None
     if context_length and spec.max_seq_length > context_length:
         raise TrainingError(
             "max_seq_length_too_long",
@@ -222,7 +235,7 @@ def train(
     total_steps = spec.n_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
 
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     checkpoints: list[tuple[int, Path]] = []
     trained_tokens = supervised_tokens = 0
     start_step = 0
@@ -233,7 +246,9 @@ def train(
         start_step = state["step"]
         rows, trained_tokens, supervised_tokens = state["rows"], state["trained_tokens"], state["supervised_tokens"]
 
-    def result(stopped: str | None, adapter_dir: Path | None, step: int, last_ckpt=None) -> TrainingResult:
+    def result(
+        stopped: StopRequest, adapter_dir: Path | None, step: int, last_ckpt: Path | None = None
+    ) -> TrainingResult:
         final = rows[-1] if rows and stopped is None else {}
         return TrainingResult(
             adapter_dir=adapter_dir,
@@ -297,7 +312,12 @@ def train(
         step_no = step + 1
         is_last = step_no == total_steps
 
-        row = {"step": step_no, "train_loss": loss, "train_mean_token_accuracy": accuracy, "train_accuracy": accuracy}
+        row: dict[str, Any] = {
+            "step": step_no,
+            "train_loss": loss,
+            "train_mean_token_accuracy": accuracy,
+            "train_accuracy": accuracy,
+        }
         row.update(valid_loss=None, valid_mean_token_accuracy=None)
         if valid_examples and is_last:
             full_loss, full_acc = evaluate(model, valid_examples, spec, pad_id, device)
@@ -316,7 +336,7 @@ def train(
         if step_no in checkpoint_steps:
             checkpoint(step_no)
 
-    adapter_dir = write_atomically(output_dir / "adapter", model.save_pretrained)
+    adapter_dir = write_atomically(output_dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
     return result(None, adapter_dir, total_steps)
 
 
@@ -333,7 +353,9 @@ def _require_examples(data: TokenizedDataset, spec: TrainingSpec) -> None:
     )
 
 
-def accumulate_gradients(model, micro_batches, device) -> tuple[float, int, int]:
+def accumulate_gradients(
+    model: PeftModel, micro_batches: list[MicroBatch], device: torch.device
+) -> tuple[float, int, int]:
     """Backward over all micro-batches of one step, each scaled by 1 / (the whole step's supervised tokens),
     so the accumulated gradient is that of the mean loss over the step, however it is split.
     Returns (summed loss, correct predictions, supervised tokens)."""
@@ -349,7 +371,16 @@ def accumulate_gradients(model, micro_batches, device) -> tuple[float, int, int]
     return loss_total, correct_total, n_supervised
 
 
-def _optimizer_step(model, optimizer, scheduler, trainable, batch, spec: TrainingSpec, pad_id: int, device):
+def _optimizer_step(
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainable: list[torch.nn.Parameter],
+    batch: list[TokenizedExample],
+    spec: TrainingSpec,
+    pad_id: int,
+    device: torch.device,
+) -> tuple[float, float, int, int]:
     """One optimizer step over `batch` examples: accumulate over micro-batches, normalised by the step's
     supervised-token count (not per micro-batch), so batch 8 x 1 and 2 x 4 give the same update."""
     micro_batches = step_micro_batches(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 from app.ml.chat import IGNORE_INDEX
 from worker.training.attention import SEGMENT_ATTENTION
@@ -20,12 +22,17 @@ from worker.training.packing import MicroBatch
 LOGITS_CHUNK_ELEMENTS = 1 << 24
 
 
-def unwrap_causal_lm(model):
+def unwrap_causal_lm(model: PeftModel | PreTrainedModel) -> PreTrainedModel:
     """The transformers *ForCausalLM under a PEFT wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not isinstance(causal_lm, PreTrainedModel):
+        raise TypeError(f"expected a transformers model under the adapter, got {type(causal_lm).__name__}")
+    return causal_lm
 
 
-def _chunk_sums(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_sums(
+    lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     logits = lm_head(hidden).float()
     loss = F.cross_entropy(logits, targets, reduction="sum")
     correct = (logits.detach().argmax(-1) == targets).sum()
@@ -33,7 +40,7 @@ def _chunk_sums(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[t
 
 
 def loss_sums(
-    model,
+    model: PeftModel | PreTrainedModel,
     batch: MicroBatch,
     *,
     attention_mask: torch.Tensor | None = None,
@@ -49,10 +56,10 @@ def loss_sums(
     exist so tests can reproduce the known packing mistakes.
     """
     causal_lm = unwrap_causal_lm(model)
-    decoder = causal_lm.base_model  # e.g. LlamaModel: the transformer without the LM head
+    decoder = causal_lm.base_model  # e.g. LlamaModel: the transformer without the LM head (and its config)
     lm_head = causal_lm.get_output_embeddings()
     extra = {}
-    if decoder.config._attn_implementation == SEGMENT_ATTENTION:
+    if causal_lm.config._attn_implementation == SEGMENT_ATTENTION:
         extra["segments"] = batch.segments if segments is None else segments
     outputs = decoder(
         input_ids=batch.input_ids,

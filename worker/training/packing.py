@@ -31,7 +31,7 @@ class MicroBatch:
     # worker.training.attention's per-example attention.
     segments: list[list[int]]
 
-    def to(self, device) -> MicroBatch:
+    def to(self, device: torch.device) -> MicroBatch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return MicroBatch(
             self.input_ids.to(device),
@@ -75,10 +75,16 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def collate_packed(rows: list[list[TokenizedExample]], pad_id: int) -> MicroBatch:
     width = max(sum(len(e) for e in row) for row in rows)
-    ids, pos, tgt, segments = [], [], [], []
+    ids: list[list[int]] = []
+    pos: list[list[int]] = []
+    tgt: list[list[int]] = []
+    segments: list[list[int]] = []
     n_tokens = n_sup = 0
     for row in rows:
-        r_ids, r_pos, r_tgt, bounds = [], [], [], [0]
+        r_ids: list[int] = []
+        r_pos: list[int] = []
+        r_tgt: list[int] = []
+        bounds = [0]
         for e in row:
             r_ids += e.input_ids
             r_pos += range(len(e))
