@@ -42,10 +42,3 @@ class CursorPage(ListPage[Item], Generic[Item]):
     def _of(cls, data: list[Item], has_more: bool) -> Self:
         first_id, last_id = (data[0].id, data[-1].id) if data else (None, None)
         return cls(data=data, has_more=has_more, first_id=first_id, last_id=last_id)
-
-
-def cursor_page(data: list, has_more: bool) -> dict:
-    """The fields of a cursor page. Kept for app/api/routes/fine_tuning.py until it builds its lists with
-    `CheckpointList.of(page, CheckpointObject.of)`; remove it then."""
-    page = CursorPage._of(data, has_more)
-    return {"data": data, "has_more": has_more, "first_id": page.first_id, "last_id": page.last_id}

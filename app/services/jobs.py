@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,6 +26,7 @@ from app.model_lookup import find_fine_tuned_model
 from app.schemas.jobs import CreateJobRequest, Hyperparameters
 from app.services.files import get_file
 from app.services.keys import CurrentProject
+from app.services.pagination import Page, keyset_page
 from app.tables import Job, JobCheckpoint, JobEvent
 
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -193,19 +193,6 @@ def get_job(session: Session, project: CurrentProject, job_id: str, *, for_updat
     return job
 
 
-@dataclass
-class Page:
-    data: list
-    has_more: bool
-
-
-def _page(session: Session, query, column, after_seq: int | None, limit: int) -> Page:
-    if after_seq is not None:
-        query = query.where(column < after_seq)
-    rows = list(session.scalars(query.order_by(column.desc()).limit(limit + 1)))
-    return Page(rows[:limit], len(rows) > limit)
-
-
 def list_jobs(
     session: Session, project: CurrentProject, *, after: str | None, limit: int, metadata: dict[str, str]
 ) -> Page:
@@ -213,7 +200,7 @@ def list_jobs(
     for key, value in metadata.items():
         query = query.where(Job.user_metadata[key].as_string() == value)
     after_seq = get_job(session, project, after).seq if after else None
-    return _page(session, query, Job.seq, after_seq, limit)
+    return keyset_page(session, query, Job.seq, after=after_seq, limit=limit)
 
 
 def list_events(session: Session, project: CurrentProject, job_id: str, *, after: str | None, limit: int) -> Page:
@@ -223,7 +210,8 @@ def list_events(session: Session, project: CurrentProject, job_id: str, *, after
         after_seq = session.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
         if after_seq is None:
             raise NotFound(f"No event {after} in job {job_id}.", param="after")
-    return _page(session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.seq, after_seq, limit)
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    return keyset_page(session, query, JobEvent.seq, after=after_seq, limit=limit)
 
 
 def list_checkpoints(session: Session, project: CurrentProject, job_id: str, *, after: str | None, limit: int) -> Page:
@@ -236,7 +224,7 @@ def list_checkpoints(session: Session, project: CurrentProject, job_id: str, *, 
         if after_seq is None:
             raise NotFound(f"No checkpoint {after} in job {job_id}.", param="after")
     query = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
-    return _page(session, query, JobCheckpoint.seq, after_seq, limit)
+    return keyset_page(session, query, JobCheckpoint.seq, after=after_seq, limit=limit)
 
 
 def wake_worker(dispatcher: JobDispatcher, job: Job) -> None:

@@ -19,7 +19,6 @@ from app.schemas.jobs import (
     JobList,
     job_object,
 )
-from app.schemas.pages import cursor_page
 from app.services import jobs
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
@@ -57,7 +56,7 @@ def list_fine_tuning_jobs(
         if k.startswith("metadata[") and k.endswith("]")
     }
     page = jobs.list_jobs(session, project, after=after, limit=limit, metadata=metadata)
-    return JobList(data=[job_object(j, project.id) for j in page.data], has_more=page.has_more)
+    return JobList.of(page, lambda job: job_object(job, project.id))
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob)
@@ -96,7 +95,7 @@ def list_fine_tuning_events(
     fine_tuning_job_id: str, project: ProjectDep, session: SessionDep, after: str | None = None, limit: Limit = 20
 ) -> JobEventList:
     page = jobs.list_events(session, project, fine_tuning_job_id, after=after, limit=limit)
-    return JobEventList(data=[JobEventObject.of(e) for e in page.data], has_more=page.has_more)
+    return JobEventList.of(page, JobEventObject.of)
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
@@ -104,4 +103,4 @@ def list_fine_tuning_checkpoints(
     fine_tuning_job_id: str, project: ProjectDep, session: SessionDep, after: str | None = None, limit: Limit = 10
 ) -> CheckpointList:
     page = jobs.list_checkpoints(session, project, fine_tuning_job_id, after=after, limit=limit)
-    return CheckpointList(**cursor_page([CheckpointObject.of(c) for c in page.data], page.has_more))
+    return CheckpointList.of(page, CheckpointObject.of)
