@@ -39,15 +39,16 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TuneserveError)
-    async def _domain(_request: Request, exc: TuneserveError):
+    async def _domain(_request: Request, exc: TuneserveError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError):
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error: TuneserveError
         if exc.status_code == 404:
             error = NotFound(f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
         else:
@@ -57,7 +58,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error)
 
     @app.exception_handler(DataError)
-    async def _unrepresentable(_request: Request, exc: DataError):
+    async def _unrepresentable(_request: Request, exc: DataError) -> JSONResponse:
         # The database refused a value from the request (Postgres text cannot hold a NUL byte, say): the
         # request is at fault, and nothing was changed.
         return error_response(
@@ -65,7 +66,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception(
             "unhandled error on %s %s (request_id=%s)", request.method, request.url.path, current_request_id.get()
         )

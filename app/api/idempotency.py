@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.deps import ProjectDep, SessionmakerDep, SettingsDep
+from app.db import rows_matched
 from app.errors import Conflict, TuneserveError, Unprocessable
 from app.services.keys import CurrentProject
 from app.tables import IdempotencyKey
@@ -39,12 +40,13 @@ Answer = TypeVar("Answer", bound=BaseModel)
 class Replayed(Exception):
     """The stored answer to a request already made: sent as it was first given, whatever its status."""
 
-    def __init__(self, status_code: int, body: dict):
+    def __init__(self, status_code: int, body: dict[str, Any]):
         super().__init__(status_code)
         self.status_code, self.body = status_code, body
 
 
-def fingerprint(method: str, path: str, body: dict) -> str:
+def fingerprint(method: str, path: str, body: object) -> str:
+    """The request as JSON can say it: `body` is the parsed JSON body (any JSON value) or its text."""
     canonical = json.dumps([method, path, body], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -71,17 +73,18 @@ def begin(
         expired = row.created_at < now - ttl_seconds
         abandoned = row.status_code is None and row.created_at < now - IN_FLIGHT_TIMEOUT_SECONDS
         if expired or abandoned:
-            taken = session.execute(
+            taken = rows_matched(
+                session,
                 update(IdempotencyKey)
                 .where(
                     IdempotencyKey.project_id == project.id,
                     IdempotencyKey.key == key,
                     IdempotencyKey.created_at == row.created_at,
                 )
-                .values(request_hash=request_hash, status_code=None, response=None, created_at=now)
+                .values(request_hash=request_hash, status_code=None, response=None, created_at=now),
             )
             session.commit()
-            if taken.rowcount == 1:
+            if taken == 1:
                 return None
             raise Conflict("Idempotency-Key is being reused concurrently; retry.", code="idempotency_key_in_use")
         if row.request_hash != request_hash:
@@ -90,12 +93,12 @@ def begin(
                 param="Idempotency-Key",
                 code="idempotency_key_mismatch",
             )
-        if row.status_code is None:
+        if row.status_code is None or row.response is None:  # `complete` writes both at once
             raise Conflict("A request with this Idempotency-Key is still in progress.", code="idempotency_key_in_use")
         return Replayed(row.status_code, row.response)
 
 
-def complete(session: Session, project: CurrentProject, key: str, status_code: int, body: dict) -> None:
+def complete(session: Session, project: CurrentProject, key: str, status_code: int, body: dict[str, Any]) -> None:
     """Store the response; call inside the transaction that made the change, so both commit or neither."""
     session.execute(
         update(IdempotencyKey)
@@ -121,7 +124,7 @@ def release(session: Session, project: CurrentProject, key: str) -> None:
 
 def install_replay_handler(app: FastAPI) -> None:
     @app.exception_handler(Replayed)
-    async def _replay(_request: Request, exc: Replayed):
+    async def _replay(_request: Request, exc: Replayed) -> JSONResponse:
         return JSONResponse(exc.body, status_code=exc.status_code)
 
 
@@ -139,7 +142,7 @@ class IdempotentRequest:
         return answer
 
 
-def _request_json(raw: bytes):
+def _request_json(raw: bytes) -> object:
     try:
         return json.loads(raw) if raw else {}
     except ValueError:

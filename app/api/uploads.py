@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from anyio import to_thread
 from fastapi import Request
@@ -17,6 +18,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import InvalidRequest, PayloadTooLarge
 from app.services.files import FileUpload
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 FORM_OVERHEAD_BYTES = 1024 * 1024  # room for the other fields and part headers around the file
 MAX_FIELD_BYTES = 64 * 1024
@@ -45,9 +49,9 @@ class _FormState:
         self._header_value = b""
         self._field_name: str | None = None
         self._field_value = bytearray()
-        self._to_file = False
+        self._file: FileUpload | None = None  # the upload the current part's data goes to, if it is the file
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field_data,
@@ -62,7 +66,7 @@ class _FormState:
         self._headers = {}
         self._field_name = None
         self._field_value = bytearray()
-        self._to_file = False
+        self._file = None
 
     def _header_field_data(self, data: bytes, start: int, end: int) -> None:
         self._header_field += data[start:end]
@@ -87,14 +91,13 @@ class _FormState:
                 self.filename = raw.decode("utf-8")
             except UnicodeDecodeError:
                 self.filename = raw.decode("latin-1")
-            self.upload = self.open_upload()
-            self._to_file = True
+            self.upload = self._file = self.open_upload()
         else:
             self._field_name = name
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._to_file:
-            self.upload.write(data[start:end])
+        if self._file is not None:
+            self._file.write(data[start:end])
             return
         self._field_value += data[start:end]
         if len(self._field_value) > MAX_FIELD_BYTES:
@@ -103,7 +106,7 @@ class _FormState:
     def _part_end(self) -> None:
         if self._field_name is not None:
             self.fields[self._field_name] = self._field_value.decode("utf-8", errors="replace")
-        self._to_file = False
+        self._file = None
 
 
 async def receive_upload(
