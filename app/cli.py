@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import Settings, SettingsError, get_settings
 
+if TYPE_CHECKING:  # the commands import the database modules only when they run
+    from sqlalchemy.orm import Session, sessionmaker
 
-def _sessionmaker(settings: Settings):
+
+def _sessionmaker(settings: Settings) -> sessionmaker[Session]:
     from app.db import make_engine, make_sessionmaker
 
     return make_sessionmaker(make_engine(settings.database_url_resolved))
@@ -26,13 +31,13 @@ def _prepare(settings: Settings) -> None:
     migrate.upgrade(settings.database_url_resolved)
 
 
-def cmd_migrate(settings: Settings, _args) -> int:
+def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     _prepare(settings)
     print("database is at the latest revision")
     return 0
 
 
-def cmd_keys(settings: Settings, args) -> int:
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     from app.db import session_scope
     from app.errors import TuneserveError
     from app.services import keys
@@ -56,7 +61,7 @@ def cmd_keys(settings: Settings, args) -> int:
     return 0
 
 
-def cmd_validate(_settings: Settings, args) -> int:
+def cmd_validate(_settings: Settings, args: argparse.Namespace) -> int:
     from app.datasets import validate_path
 
     path = Path(args.file)
@@ -77,7 +82,7 @@ def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> No
     from app.main import create_app
 
     class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             # `started` is set only once the lifespan has built the app's state and the socket listens.
             await super().startup(sockets)
             if self.started and on_ready is not None:
@@ -97,12 +102,12 @@ def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> No
         sys.exit(STARTUP_FAILURE)
 
 
-def cmd_serve(settings: Settings, _args) -> int:
+def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
     _serve(settings)
     return 0
 
 
-def cmd_worker(settings: Settings, _args) -> int:
+def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
     from app.jobs.broker import TRAINING_QUEUE
     from worker.celery_app import celery_app
 
@@ -125,7 +130,7 @@ def _default_key_line(settings: Settings) -> str:
         return f"API key (project default; shown once, keep it): {keys.create_key(session, 'default')}"
 
 
-def cmd_up(settings: Settings, _args) -> int:
+def cmd_up(settings: Settings, _args: argparse.Namespace) -> int:
     """Everything in one process group: migrate, one worker on the embedded broker, and the API."""
     _prepare(settings)
     key_line = _default_key_line(settings)

@@ -29,7 +29,7 @@ def detect_format(example: dict) -> str | None:
     return None
 
 
-def check_messages(messages, problems: list[str], *, need_assistant: bool) -> int:
+def check_messages(messages: object, problems: list[str], *, need_assistant: bool) -> int:
     """Check a messages list; returns the number of characters of content."""
     if not isinstance(messages, list) or not messages:
         problems.append("missing_messages_list")
@@ -127,7 +127,7 @@ def check_preference(example: dict, problems: list[str]) -> int:
 CHECKS = {"chat": check_chat, "prompt_completion": check_prompt_completion, "preference": check_preference}
 
 
-def check_example(example) -> tuple[str | None, list[str], int]:
+def check_example(example: object) -> tuple[str | None, list[str], int]:
     """Returns (format or None, problem kinds found, characters of content)."""
     if not isinstance(example, dict):
         return None, ["data_type"], 0

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel
+
+
+class ModelFacts(Protocol):
+    """What a model object is built from (the models service's `ModelInfo`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def owned_by(self) -> str: ...
 
 
 class ModelObject(BaseModel):
@@ -14,7 +25,7 @@ class ModelObject(BaseModel):
     owned_by: str
 
     @classmethod
-    def of(cls, info) -> ModelObject:
+    def of(cls, info: ModelFacts) -> ModelObject:
         """From a `ModelInfo` of the models service (what it knows beyond these fields stays server-side)."""
         return cls(id=info.id, created=info.created, owned_by=info.owned_by)
 

@@ -60,7 +60,7 @@ def list_keys(session: Session) -> list[tuple[str, str, int, int | None]]:
         .join(Project, Project.id == ApiKey.project_id)
         .order_by(ApiKey.id)
     )
-    return [tuple(row) for row in rows]
+    return [row.tuple() for row in rows]
 
 
 def revoke_key(session: Session, prefix: str) -> int:
