@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from app.schemas.pages import CursorPage
+from app.schemas.pages import CursorPage, Identified
 from app.tables import File, FileStatus
 
 
-class FileObject(BaseModel):
+class FileObject(Identified):
     id: str
     object: Literal["file"] = "file"
     bytes: int

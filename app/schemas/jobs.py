@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from app.jobs.status import JobStatus
-from app.schemas.pages import CursorPage, ListPage
+from app.schemas.pages import CursorPage, Identified, ListPage
 from app.tables import EventLevel, EventType, Job, JobCheckpoint, JobEvent
 
 AutoOr = Literal["auto"] | int | float
@@ -121,7 +121,7 @@ class JobEventList(ListPage[JobEventObject]):
     pass
 
 
-class CheckpointObject(BaseModel):
+class CheckpointObject(Identified):
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     created_at: int

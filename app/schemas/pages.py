@@ -12,6 +12,15 @@ from pydantic import BaseModel
 Item = TypeVar("Item")
 
 
+class Identified(BaseModel):
+    """A wire object with an id: what a cursor page names its first and last items by."""
+
+    id: str
+
+
+IdItem = TypeVar("IdItem", bound=Identified)
+
+
 class RowPage(Protocol):
     """What the services return (`app.services.pagination.Page`)."""
 
@@ -34,11 +43,11 @@ class ListPage(BaseModel, Generic[Item]):
         return cls(data=data, has_more=has_more)
 
 
-class CursorPage(ListPage[Item], Generic[Item]):
+class CursorPage(ListPage[IdItem], Generic[IdItem]):
     first_id: str | None
     last_id: str | None
 
     @classmethod
-    def _of(cls, data: list[Item], has_more: bool) -> Self:
+    def _of(cls, data: list[IdItem], has_more: bool) -> Self:
         first_id, last_id = (data[0].id, data[-1].id) if data else (None, None)
         return cls(data=data, has_more=has_more, first_id=first_id, last_id=last_id)
