@@ -27,7 +27,7 @@ from app.schemas.jobs import CreateJobRequest, Hyperparameters
 from app.services.files import get_file
 from app.services.keys import CurrentProject
 from app.services.pagination import Page, keyset_page
-from app.tables import Job, JobCheckpoint, JobEvent
+from app.tables import File, Job, JobCheckpoint, JobEvent
 
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
@@ -43,7 +43,9 @@ LORA_SHAPE_OPTIONS = frozenset({"lora_r", "r", "lora_alpha", "alpha", "target_mo
 METHOD_FORMATS = {"supervised": ("chat", "prompt_completion")}
 
 
-def _check_training_files(session: Session, project: CurrentProject, request: CreateJobRequest, method: str):
+def _check_training_files(
+    session: Session, project: CurrentProject, request: CreateJobRequest, method: str
+) -> tuple[File, File | None]:
     training = get_file_param(session, project, request.training_file, "training_file")
     validation = None
     if request.validation_file:
@@ -67,7 +69,7 @@ def _check_training_files(session: Session, project: CurrentProject, request: Cr
                 param=param,
                 code="invalid_file_format",
             )
-    if training.n_examples < MIN_EXAMPLES:
+    if (training.n_examples or 0) < MIN_EXAMPLES:  # a processed fine-tune file always has its count
         raise InvalidRequest(
             f"Training file has {training.n_examples} example(s), but must have at least {MIN_EXAMPLES} examples",
             param="training_file",
@@ -76,14 +78,16 @@ def _check_training_files(session: Session, project: CurrentProject, request: Cr
     return training, validation
 
 
-def get_file_param(session: Session, project: CurrentProject, file_id: str, param: str):
+def get_file_param(session: Session, project: CurrentProject, file_id: str, param: str) -> File:
     try:
         return get_file(session, project, file_id)
     except NotFound:
         raise InvalidRequest(f"File {file_id} does not exist.", param=param, code="file_not_found") from None
 
 
-def _resolve_model(session: Session, project: CurrentProject, registry: BaseModelRegistry, model: str):
+def _resolve_model(
+    session: Session, project: CurrentProject, registry: BaseModelRegistry, model: str
+) -> tuple[str, str | None]:
     """(base model name, parent fine-tuned model or None)."""
     if model in registry.names():
         return model, None
@@ -151,7 +155,7 @@ def create_job(
     training, validation = _check_training_files(session, project, request, method)
     seed = request.seed if request.seed is not None else DEFAULT_SEED
     # The same resolution the worker will do, so out-of-range values fail now rather than in the job.
-    resolve_spec(options, training.n_examples, seed=seed)
+    resolve_spec(options, training.n_examples or 0, seed=seed)
 
     job = Job(
         id=ids.job_id(),
