@@ -6,10 +6,17 @@ from anywhere, so nothing in it is unpickled or executed.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:  # transformers is imported when a model is loaded, not with this module
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def load_causal_lm(name_or_path: str, *, device: torch.device, dtype: torch.dtype, attn_implementation: str):
+
+def load_causal_lm(
+    name_or_path: str, *, device: torch.device, dtype: torch.dtype, attn_implementation: str
+) -> PreTrainedModel:
     """The model on `device` with weights in `dtype`. Raises OSError or ValueError when it cannot be loaded
     (missing files, no safetensors weights, an unknown architecture); callers say what that means for them."""
     from transformers import AutoModelForCausalLM
@@ -21,10 +28,12 @@ def load_causal_lm(name_or_path: str, *, device: torch.device, dtype: torch.dtyp
         trust_remote_code=False,
         attn_implementation=attn_implementation,
     )
-    return model.to(device)
+    # transformers wraps PreTrainedModel.to with functools.wraps, and mypy types the result as a plain callable
+    # whose first argument is `self`, so the device looks like the model argument.
+    return model.to(device)  # type: ignore[arg-type]
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The base model's tokenizer (no remote code). Raises OSError or ValueError when it cannot be loaded."""
     from transformers import AutoTokenizer
 

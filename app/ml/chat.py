@@ -14,7 +14,11 @@ token; for prompt/completion, the completion and the EOS token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -26,9 +30,9 @@ class ChatTemplateError(ValueError):
     """The tokenizer's chat template cannot be used for training (missing, or not prefix-stable)."""
 
 
-def end_of_turn_ids(tokenizer) -> set[int]:
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Token ids that end an assistant turn (and stop generation): EOS plus known end-of-turn markers."""
-    ids = set()
+    ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     vocab = tokenizer.get_vocab()
@@ -38,25 +42,35 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return ids
 
 
-def _encode(text: str, tokenizer) -> list[int]:
+def _encode(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if not text:
         return []
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _render(messages: Sequence[dict], tokenizer, tools, add_generation_prompt: bool) -> str:
+def _render(
+    messages: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+) -> str:
     if not messages and not add_generation_prompt:
         return ""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatTemplateError("the base model's tokenizer has no chat template; use prompt/completion data")
     clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
     text = tokenizer.apply_chat_template(
-        clean, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+        clean, tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    return text
+    return cast(str, text)  # tokenize=False renders text (the declared return type covers every mode)
 
 
-def _chat_segments(messages: Sequence[dict], tokenizer, tools, add_generation_prompt: bool):
+def _chat_segments(
+    messages: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+) -> Iterator[tuple[str, bool]]:
     """Yield (text, supervised) pieces whose concatenation is the template's rendering of `messages`.
 
     An assistant message becomes two pieces: the generation prompt (not supervised) and its content up to the
@@ -86,7 +100,9 @@ def _chat_segments(messages: Sequence[dict], tokenizer, tools, add_generation_pr
         yield full[len(rendered) :], False
 
 
-def _opening_assistant_prompt(message: dict, tokenizer, tools) -> str:
+def _opening_assistant_prompt(
+    message: dict[str, Any], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None
+) -> str:
     """The text before an assistant message that opens the conversation. transformers refuses to render an
     empty conversation, so render this message with a marker as its content and cut at the marker."""
     marker = "\u2063tuneserve-content-marker\u2063"
@@ -104,7 +120,9 @@ def _check_prefix(prefix: str, text: str) -> None:
         )
 
 
-def render_chat_prompt(messages: Sequence[dict], tokenizer, tools: list | None = None) -> list[int]:
+def render_chat_prompt(
+    messages: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """Ids inference feeds to generate the next assistant turn after `messages`."""
     ids: list[int] = []
     for text, _ in _chat_segments(list(messages), tokenizer, tools, add_generation_prompt=True):
@@ -112,13 +130,15 @@ def render_chat_prompt(messages: Sequence[dict], tokenizer, tools: list | None =
     return ids
 
 
-def render_completion_prompt(prompt: str, tokenizer) -> list[int]:
+def render_completion_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids inference feeds for a plain completion: BOS (when the model has one) then the prompt."""
     bos = [int(tokenizer.bos_token_id)] if tokenizer.bos_token_id is not None else []
     return bos + _encode(prompt, tokenizer)
 
 
-def render_chat_example(messages: Sequence[dict], tokenizer, tools: list | None = None) -> tuple[list[int], list[int]]:
+def render_chat_example(
+    messages: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for a chat example; see the module docstring for what is supervised."""
     stops = end_of_turn_ids(tokenizer)
     input_ids: list[int] = []
@@ -136,7 +156,9 @@ def render_chat_example(messages: Sequence[dict], tokenizer, tools: list | None 
     return input_ids, labels
 
 
-def render_prompt_completion_example(prompt: str, completion: str, tokenizer) -> tuple[list[int], list[int]]:
+def render_prompt_completion_example(
+    prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels): prompt (masked), then completion and EOS (supervised)."""
     if tokenizer.eos_token_id is None:
         raise ChatTemplateError("the base model's tokenizer has no EOS token")
@@ -145,7 +167,7 @@ def render_prompt_completion_example(prompt: str, completion: str, tokenizer) ->
     return prompt_ids + answer, [IGNORE_INDEX] * len(prompt_ids) + answer
 
 
-def render_training_example(example: dict, tokenizer) -> tuple[list[int], list[int]]:
+def render_training_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one validated JSONL example, chat or prompt/completion."""
     if "messages" in example:
         return render_chat_example(example["messages"], tokenizer, example.get("tools"))

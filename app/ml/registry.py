@@ -12,7 +12,7 @@ from pathlib import Path
 
 from app.config import Settings
 from app.errors import NotFound
-from app.ml.tiny import TINY_ARCH, TINY_MODEL_NAME, ensure_tiny_model
+from app.ml.tiny import TINY_CONTEXT_LENGTH, TINY_MODEL_NAME, ensure_tiny_model
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class BaseModelRegistry:
                 path=path,
                 name_or_path=str(path.resolve()),
                 defaults=TINY_DEFAULTS,
-                context_length=TINY_ARCH["max_position_embeddings"],
+                context_length=TINY_CONTEXT_LENGTH,
                 builtin=True,
             )
         known = ", ".join(self.names())

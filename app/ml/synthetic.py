@@ -8,7 +8,9 @@ held-out split uses phrasings (greeting x request x ending combinations) never s
 from __future__ import annotations
 
 import json
+import os
 import random
+from typing import Any
 
 SYSTEM_PROMPT = "Map the request to JSON."
 
@@ -29,7 +31,9 @@ def intent_answer(intent: str) -> str:
     return json.dumps({"intent": intent, "priority": _PRIORITY.get(intent, "low")}, separators=(",", ":"))
 
 
-def intent_json_task(n_train: int, n_test: int, seed: int = 0, system_share: float = 0.5):
+def intent_json_task(
+    n_train: int, n_test: int, seed: int = 0, system_share: float = 0.5
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """(train chat examples, held-out [(user message, expected answer)]) with disjoint phrasings."""
     rng = random.Random(seed)
     combos = [
@@ -109,7 +113,7 @@ def varied_length_chat(n: int, seed: int = 0, max_words: int = 120, multi_turn_s
     return out
 
 
-def write_jsonl(path, examples: list[dict]) -> None:
+def write_jsonl(path: str | os.PathLike[str], examples: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for e in examples:
             f.write(json.dumps(e) + "\n")

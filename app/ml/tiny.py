@@ -11,12 +11,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # transformers is imported when the model is built, not with this module
+    from transformers import PreTrainedTokenizerFast
 
 TINY_MODEL_NAME = "tuneserve-tiny"
 # Bump when the recipe below changes, so an old build on disk is never mistaken for the new one.
 TINY_MODEL_VERSION = 1
 TINY_SEED = 1234
 LM_HEAD_SCALE = 8.0
+TINY_CONTEXT_LENGTH = 2048
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|im_end|>"  # end of turn and end of text: one stop token for chat and completions
@@ -40,13 +45,13 @@ CHAT_TEMPLATE = (
 )
 
 # About 3.3 M parameters: big enough to learn small tasks in seconds on a CPU, small enough for tests.
-TINY_ARCH = dict(
+TINY_ARCH: dict[str, Any] = dict(
     hidden_size=256,
     intermediate_size=768,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
-    max_position_embeddings=2048,
+    max_position_embeddings=TINY_CONTEXT_LENGTH,
     rms_norm_eps=1e-5,
     rope_theta=10000.0,
     tie_word_embeddings=False,
@@ -95,7 +100,7 @@ def _byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: ids 0..255 are bytes, then the special tokens. Lossless for any UTF-8 text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -110,14 +115,14 @@ def build_tiny_tokenizer():
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         additional_special_tokens=[IM_START_TOKEN],
-        model_max_length=TINY_ARCH["max_position_embeddings"],
+        model_max_length=TINY_CONTEXT_LENGTH,
         clean_up_tokenization_spaces=False,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def build_tiny_model(out_dir: Path, *, vocab_size: int | None = None, seed: int = TINY_SEED, **arch) -> None:
+def build_tiny_model(out_dir: Path, *, vocab_size: int | None = None, seed: int = TINY_SEED, **arch: Any) -> None:
     """Write config, safetensors weights, generation config and tokenizer into `out_dir`.
 
     `vocab_size` may exceed the tokenizer's (the benchmark uses 32k so that the LM head's cost is realistic);
@@ -128,13 +133,12 @@ def build_tiny_model(out_dir: Path, *, vocab_size: int | None = None, seed: int 
 
     out_dir = Path(out_dir)
     tokenizer = build_tiny_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     n_tokens = len(tokenizer)
     config = LlamaConfig(
         vocab_size=max(vocab_size or n_tokens, n_tokens),
-        bos_token_id=ids[BOS_TOKEN],
-        eos_token_id=ids[EOS_TOKEN],
-        pad_token_id=ids[PAD_TOKEN],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
         **{**TINY_ARCH, **arch},
     )
@@ -148,7 +152,7 @@ def build_tiny_model(out_dir: Path, *, vocab_size: int | None = None, seed: int 
         with torch.no_grad():
             model.lm_head.weight.mul_(LM_HEAD_SCALE)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS_TOKEN], eos_token_id=ids[EOS_TOKEN], pad_token_id=ids[PAD_TOKEN]
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
