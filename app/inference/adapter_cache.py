@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from app.errors import InvalidRequest, ServiceUnavailable, TuneserveError
@@ -90,7 +91,7 @@ class AdapterCache:
             self._metrics.add("adapter_cache_misses_total")
             return entry, True
 
-    def load(self, entry: AdapterEntry, read) -> None:
+    def load(self, entry: AdapterEntry, read: Callable[[], AdapterWeights]) -> None:
         """Run `read()` (-> AdapterWeights) for a claimed entry and resolve its future; errors go to every waiter."""
         started = time.perf_counter()
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from app.errors import InvalidRequest, NotFound, ServiceUnavailable, TuneserveError
 from app.inference.adapter_cache import AdapterCache, AdapterEntry
@@ -22,6 +23,10 @@ from app.inference.scheduler import BatchScheduler
 from app.inference.sequence import PendingRequest
 from app.inference.types import GenerationRequest
 from app.ml.registry import BaseModelRegistry
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +54,8 @@ class InferenceEngine:
         max_prefill_tokens: int = 16384,
         join_wait_steps: int = 2,
         loader_threads: int = 2,
-        device=None,
-        dtype=None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if max_batch_size < 1 or max_adapters < 1 or max_adapter_bytes < 1:
             raise ValueError("max_batch_size, max_adapters and max_adapter_bytes must be positive")
@@ -124,7 +129,7 @@ class InferenceEngine:
             self._metrics.add("base_models_loaded")
             return runtime
 
-    def tokenizer(self, base_model: str):
+    def tokenizer(self, base_model: str) -> PreTrainedTokenizerBase:
         """The base model's tokenizer; loads the base model if needed (blocking: call it off the event loop)."""
         return self._runtime(base_model).tokenizer
 

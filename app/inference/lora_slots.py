@@ -17,8 +17,13 @@ Tables are only resized or written by the scheduler thread between forwards, nev
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class BatchPlan:
@@ -61,18 +66,20 @@ class LoraSlotLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        plan = self.plan
-        if self.lora_a is None or plan.single == 0 or plan.rank == 0:
+        plan, lora_a, lora_b = self.plan, self.lora_a, self.lora_b
+        if lora_a is None or lora_b is None or plan.single == 0 or plan.rank == 0:  # tables: both or neither
             return out
         r = plan.rank
         if plan.single is not None:
-            a = self.lora_a[plan.single, :r]
-            b = self.lora_b[plan.single, :, :r]
+            a = lora_a[plan.single, :r]
+            b = lora_b[plan.single, :, :r]
             return out + (x @ a.T) @ b.T
         rows = x.shape[0]
         if self._gathered is None or self._gathered[0] != plan.version:
-            a = self.lora_a.index_select(0, plan.slots)[:, :r]  # [rows, r, in]
-            b = self.lora_b.index_select(0, plan.slots)[:, :, :r]  # [rows, out, r]
+            if plan.slots is None:
+                raise RuntimeError("a plan whose rows differ has a slot per row")
+            a = lora_a.index_select(0, plan.slots)[:, :r]  # [rows, r, in]
+            b = lora_b.index_select(0, plan.slots)[:, :, :r]  # [rows, out, r]
             self._gathered = (plan.version, a, b)
         _, a, b = self._gathered
         x3 = x.reshape(rows, -1, x.shape[-1])
@@ -83,7 +90,7 @@ class LoraSlotLinear(nn.Module):
 class LoraSlots:
     """The wrapped layers of one base model and their slot tables."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         self.plan = BatchPlan()
         self.layers: dict[str, LoraSlotLinear] = {}
         self.ranks: list[int] = [0]  # rank per slot; slot 0 is the base model
@@ -118,22 +125,24 @@ class LoraSlots:
             self.ranks.append(0)
         self.ranks[slot] = rank
         for name, layer in self.layers.items():
-            if layer.lora_a is None:
+            lora_a, lora_b = layer.lora_a, layer.lora_b
+            if lora_a is None or lora_b is None:  # both or neither
                 if name not in modules:
                     continue
-                self._allocate(layer)
-            layer.lora_a[slot].zero_()
-            layer.lora_b[slot].zero_()
+                lora_a, lora_b = self._allocate(layer)
+            lora_a[slot].zero_()
+            lora_b[slot].zero_()
             if name in modules:
                 a, b = modules[name]
-                layer.lora_a[slot, : a.shape[0]].copy_(a)
-                layer.lora_b[slot, :, : b.shape[1]].copy_(b)
+                lora_a[slot, : a.shape[0]].copy_(a)
+                lora_b[slot, :, : b.shape[1]].copy_(b)
 
-    def _allocate(self, layer: LoraSlotLinear) -> None:
+    def _allocate(self, layer: LoraSlotLinear) -> tuple[torch.Tensor, torch.Tensor]:
         slots = len(self.ranks)
         base = layer.base
         layer.lora_a = torch.zeros(slots, self._rank_capacity, base.in_features, device=self.device, dtype=self.dtype)
         layer.lora_b = torch.zeros(slots, base.out_features, self._rank_capacity, device=self.device, dtype=self.dtype)
+        return layer.lora_a, layer.lora_b
 
     def _grow(self, slots: int, rank: int) -> None:
         # Doubling keeps reallocations rare as adapters arrive; tables never shrink (slots are reused).
@@ -144,7 +153,7 @@ class LoraSlots:
         if new_slots == len(self.ranks) and new_rank == self._rank_capacity:
             return
         for layer in self.layers.values():
-            if layer.lora_a is None:
+            if layer.lora_a is None or layer.lora_b is None:
                 continue
             a = torch.zeros(new_slots, new_rank, layer.base.in_features, device=self.device, dtype=self.dtype)
             b = torch.zeros(new_slots, layer.base.out_features, new_rank, device=self.device, dtype=self.dtype)
@@ -160,5 +169,5 @@ class LoraSlots:
         return sum(
             layer.lora_a.numel() * layer.lora_a.element_size() + layer.lora_b.numel() * layer.lora_b.element_size()
             for layer in self.layers.values()
-            if layer.lora_a is not None
+            if layer.lora_a is not None and layer.lora_b is not None
         )

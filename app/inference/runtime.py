@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,10 @@ from app.ml.base_model import load_causal_lm, load_tokenizer
 from app.ml.chat import end_of_turn_ids
 from app.ml.device import pick_device
 from app.ml.registry import BaseModelInfo
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
 class BaseModelRuntime:
@@ -45,11 +50,18 @@ class BaseModelRuntime:
             info.context_length or getattr(self.model.config, "max_position_embeddings", None) or 2048
         )
 
-    def forward(self, cache, **inputs):
+    def forward(self, cache: DynamicCache, **inputs: torch.Tensor | int) -> CausalLMOutputWithPast:
         """The model's forward with `cache` as its KV cache (the argument was renamed within transformers 5)."""
         return self.model(**{self._cache_argument: cache}, use_cache=True, **inputs)
 
-    def new_cache(self):
+    def next_token_logits(self, cache: DynamicCache, **inputs: torch.Tensor | int) -> torch.Tensor:
+        """`forward`, then each row's float32 logits at its last position [rows, vocab]."""
+        logits = self.forward(cache, **inputs).logits
+        if logits is None:  # a causal LM always returns them; the output type declares them optional
+            raise RuntimeError(f"the base model '{self.name}' returned no logits")
+        return logits[:, -1, :].float()
+
+    def new_cache(self) -> DynamicCache:
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from app.inference.metrics import EngineMetrics
 from app.inference.runtime import BaseModelRuntime
 from app.inference.sampling import sample_token
 from app.inference.sequence import PendingRequest, Sequence
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 log = logging.getLogger(__name__)
 POLICIES = ("continuous", "static", "per_adapter")
@@ -169,11 +173,15 @@ class BatchScheduler:
         self._accept(rows, logits)
         self._retire_finished()
 
-    def _prefill_forward(self, live: list[PendingRequest]):
+    def _prefill_forward(
+        self, live: list[PendingRequest]
+    ) -> tuple[list[Sequence], DynamicCache, torch.Tensor, torch.Tensor]:
         runtime = self._runtime
         for pending in live:
             entry = pending.entry
             if entry is not None and not entry.installed:
+                if entry.slot is None or entry.weights is None:  # both set by the load this request waited for
+                    raise RuntimeError(f"the adapter {entry.ref.name} reached the scheduler unloaded")
                 table_bytes = runtime.lora.table_bytes()
                 runtime.lora.install(entry.slot, entry.rank, entry.weights.modules)
                 entry.installed, entry.weights = True, None
@@ -188,8 +196,10 @@ class BatchScheduler:
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         runtime.lora.use([row.slot for row in rows])
         cache = runtime.new_cache()
-        out = runtime.forward(cache, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-        return rows, cache, mask, out.logits[:, -1, :].float()
+        logits = runtime.next_token_logits(
+            cache, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+        )
+        return rows, cache, mask, logits
 
     def _decode_step(self) -> None:
         runtime = self._runtime

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,7 +11,10 @@ from app.inference.adapter_cache import AdapterEntry
 from app.inference.handle import GenerationHandle
 from app.inference.sampling import make_generator
 from app.inference.text_stream import IncrementalDetokenizer, StopStringFilter
-from app.inference.types import Finished, GenerationRequest, TextDelta
+from app.inference.types import Finished, FinishReason, GenerationRequest, TextDelta
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -24,13 +28,19 @@ class PendingRequest:
 
     @property
     def slot(self) -> int:
-        return 0 if self.entry is None else self.entry.slot
+        if self.entry is None:
+            return 0
+        if self.entry.slot is None:  # a pinned entry keeps the slot its load gave it
+            raise RuntimeError(f"the adapter {self.entry.ref.name} has no slot")
+        return self.entry.slot
 
 
 class Sequence:
     """A request in the running batch."""
 
-    def __init__(self, pending: PendingRequest, tokenizer, stop_ids: list[int], device: torch.device) -> None:
+    def __init__(
+        self, pending: PendingRequest, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int], device: torch.device
+    ) -> None:
         request = pending.request
         self.pending = pending
         self.request = request
@@ -39,7 +49,7 @@ class Sequence:
         self.position = len(request.prompt_ids)  # tokens in the KV cache = position of the next input token
         self.completion_tokens = 0
         self.last_token: int | None = None
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.generator = make_generator(request.seed, device)
         self._stop_ids = set(stop_ids)
         self._detokenizer = IncrementalDetokenizer(tokenizer)
@@ -69,9 +79,11 @@ class Sequence:
         self.finish_reason = "cancelled"
 
     def finished_event(self) -> Finished:
+        if self.finish_reason is None:
+            raise RuntimeError("a sequence is finished only once it has a finish reason")
         return Finished(self.finish_reason, len(self.request.prompt_ids), self.completion_tokens)
 
-    def _finish(self, reason: str) -> None:
+    def _finish(self, reason: FinishReason) -> None:
         if not self._stop_filter.stopped:
             tail = self._stop_filter.feed(self._detokenizer.flush())
             if self._stop_filter.stopped:

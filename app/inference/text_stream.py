@@ -8,16 +8,23 @@ until it is known not to be one, so a client never receives part of a stop strin
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
         self._prefix = 0  # window start: ids before it are already text
         self._read = 0  # ids up to here are already text
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        # One sequence of ids decodes to one string (the declared return type also covers a batch).
+        text = self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return cast(str, text)
 
     def add(self, token_id: int) -> str:
         """Text completed by `token_id` (possibly empty)."""

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+# "stop": an end-of-turn token or a stop string; "length": max_tokens reached; "cancelled": the handle was cancelled.
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,6 @@ class Finished:
     (the handle was cancelled). `completion_tokens` counts every generated token, end-of-turn included.
     """
 
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
