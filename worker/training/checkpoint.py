@@ -18,10 +18,10 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from app.ml.adapter_files import ADAPTER_WEIGHTS
 from worker.training.errors import TrainingError
 
 STATE_FILE = "trainer_state.pt"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def checkpoint_name(step: int) -> str:
