@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 Stop = str | list[str] | None
+# Why a choice ended, as the API reports it: an end of turn or stop string, or max_tokens.
+FinishReason = Literal["stop", "length"]
 
 
 class StreamOptions(BaseModel):
@@ -73,7 +75,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: FinishReason | None
 
 
 class Completion(BaseModel):
@@ -96,7 +98,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -118,7 +120,7 @@ class _UsageOnlyWhenAsked(BaseModel):
     `usage` (to None or a Usage) exactly when it was asked for."""
 
     @model_serializer(mode="wrap")
-    def _drop_usage_unless_set(self, handler) -> dict:
+    def _drop_usage_unless_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
         if "usage" not in self.model_fields_set:
             data.pop("usage", None)
@@ -129,7 +131,7 @@ class CompletionChunkChoice(BaseModel):
     index: int
     text: str
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class CompletionChunk(_UsageOnlyWhenAsked):
@@ -149,7 +151,7 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
     @model_serializer(mode="wrap")
-    def _drop_unset(self, handler) -> dict:
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {key: value for key, value in handler(self).items() if key in self.model_fields_set}
 
 
@@ -157,7 +159,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(_UsageOnlyWhenAsked):
