@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -47,13 +47,11 @@ async def respond(request: Request, handles: list[GenerationHandle], responses: 
 
 async def _read(handle: GenerationHandle) -> Answer:
     parts: list[str] = []
-    finished = None
     async for event in handle:
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        else:
-            finished = event
-    return Answer("".join(parts), finished)
+        if isinstance(event, Finished):  # always the last event
+            return Answer("".join(parts), event)
+        parts.append(event.text)
+    raise RuntimeError("a generation ended without its Finished event")
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -66,7 +64,8 @@ async def gather_answers(request: Request, handles: list[GenerationHandle]) -> l
     answers = asyncio.ensure_future(asyncio.gather(*(_read(h) for h in handles)))
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
-        await asyncio.wait({answers, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        racing: set[asyncio.Future[Any]] = {answers, watcher}
+        await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
         if answers.done():
             return answers.result()
         return None

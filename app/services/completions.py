@@ -4,6 +4,7 @@ caller's project, render the prompt exactly as training did, and check the limit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -13,10 +14,13 @@ from app.inference import AdapterRef, GenerationHandle, GenerationRequest, Infer
 from app.inference.context_length import check_fits_context
 from app.ml.chat import render_chat_prompt, render_completion_prompt
 from app.ml.registry import BaseModelRegistry
-from app.schemas.completions import ChatCompletionRequest, CompletionRequest, SamplingParams
+from app.schemas.completions import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingParams
 from app.services import models
 from app.services.keys import CurrentProject
 from app.storage import LocalStorage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 MAX_STOP_SEQUENCES = 4
 
@@ -30,7 +34,7 @@ class Prepared:
     prompt_texts: list[str]  # for `echo`
 
 
-def _refuse_unsupported(params: SamplingParams, **unsupported) -> None:
+def _refuse_unsupported(params: SamplingParams, **unsupported: object) -> None:
     if params.presence_penalty or params.frequency_penalty:
         name = "presence_penalty" if params.presence_penalty else "frequency_penalty"
         raise InvalidRequest(f"{name} is not supported; leave it at 0.", param=name, code="unsupported_parameter")
@@ -60,7 +64,14 @@ def _max_tokens(requested: int | None, param: str, prompt_len: int, context: int
     return max_tokens
 
 
-def _expand(params: SamplingParams, base: str, adapter, prompts: list[list[int]], max_tokens: int, stop) -> list:
+def _expand(
+    params: SamplingParams,
+    base: str,
+    adapter: AdapterRef | None,
+    prompts: list[list[int]],
+    max_tokens: int,
+    stop: list[str],
+) -> list[GenerationRequest]:
     # With n > 1 and a seed, each choice gets its own seed so the n answers differ but stay reproducible.
     return [
         GenerationRequest(
@@ -78,7 +89,7 @@ def _expand(params: SamplingParams, base: str, adapter, prompts: list[list[int]]
     ]
 
 
-def _message_dict(message) -> dict:
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
     content = message.content
     if isinstance(content, list):
         parts = []
@@ -102,7 +113,7 @@ class Serving:
     engine: InferenceEngine
     settings: Settings
 
-    def _model(self, params: SamplingParams) -> tuple[str, AdapterRef | None, object, int]:
+    def _model(self, params: SamplingParams) -> tuple[str, AdapterRef | None, PreTrainedTokenizerBase, int]:
         """(base model, adapter, tokenizer, context length) for the requested model, if this project may use it."""
         info = models.get_model(self.session, self.project, self.registry, params.model)
         adapter = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServingDep
@@ -15,12 +17,14 @@ router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES)
 
 
 @router.post("/completions", response_model=Completion)
-async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep):
+async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep) -> BaseModel | Response:
     prepared = await run_in_threadpool(serving.prepare_completion, body)  # tokenizing can load the base model
     return await respond(request, serving.submit(prepared), CompletionResponses(body, prepared))
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, serving: ServingDep):
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, serving: ServingDep
+) -> BaseModel | Response:
     prepared = await run_in_threadpool(serving.prepare_chat, body)
     return await respond(request, serving.submit(prepared), ChatCompletionResponses(body, prepared))
