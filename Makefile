@@ -24,11 +24,13 @@ run: install
 test: lint
 	$(BIN)/python -m pytest
 
-# Style, formatting and the import contracts that keep the layers apart (pyproject.toml [tool.importlinter]).
+# Style, formatting, the import contracts that keep the layers apart (pyproject.toml [tool.importlinter]) and
+# the types of app/ and worker/ (pyproject.toml [tool.mypy]).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python -m pip install -q -e '.[bench]'
