@@ -4,8 +4,10 @@ retry while the first request is still in flight is 409 (which the openai SDK re
 
 A route takes `IdempotencyDep`: the dependency claims the key before the route runs (a replay answers at once,
 the route never runs), the route makes its change and calls `commit`, which stores the answer in the change's
-own transaction. A client error is stored like any answer; a server error releases the key so a retry can
-succeed. Services know nothing of this. Expired keys are purged by the reconciler (app/jobs/reconcile.py).
+own transaction. A client error the route raises is stored like any answer; a server error releases the key
+so a retry can succeed, and so does a body the route never saw because it failed validation (the corrected
+request may use the key). Once the answer is committed, nothing that fails after it touches the key: a retry
+replays it. Services know nothing of this. Expired keys are purged by the reconciler (app/jobs/reconcile.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api.deps import ProjectDep, SessionmakerDep, SettingsDep
+from app.api.deps import ProjectDep, SessionDep, SessionmakerDep, SettingsDep
 from app.db import rows_matched
 from app.errors import Conflict, TuneserveError, Unprocessable
 from app.services.keys import CurrentProject
@@ -133,12 +135,14 @@ class IdempotentRequest:
 
     def __init__(self, factory: sessionmaker[Session], project: CurrentProject, key: str | None):
         self.factory, self.project, self.key = factory, project, key
+        self.committed = False
 
     def commit(self, session: Session, answer: Answer) -> Answer:
         """Store `answer` with the change in `session`, and commit both at once."""
         if self.key is not None:
             complete(session, self.project, self.key, 200, answer.model_dump(mode="json"))
         session.commit()
+        self.committed = True
         return answer
 
 
@@ -151,6 +155,7 @@ def _request_json(raw: bytes) -> object:
 
 async def idempotent_request(
     request: Request,
+    session: SessionDep,
     factory: SessionmakerDep,
     project: ProjectDep,
     settings: SettingsDep,
@@ -168,11 +173,15 @@ async def idempotent_request(
         raise Replayed(replay.status_code, replay.body)
     try:
         yield held
-    except TuneserveError as error:
-        await run_in_threadpool(record_error, factory, project, idempotency_key, error)
-        raise
-    except BaseException:
-        await run_in_threadpool(_release_now, factory, project, idempotency_key)
+    except BaseException as error:
+        if held.committed:
+            raise  # the change and its stored answer are in: a retry replays them, whatever failed after
+        # The route's session may hold SQLite's write lock; give it up before writing the key elsewhere.
+        await run_in_threadpool(session.rollback)
+        if isinstance(error, TuneserveError):
+            await run_in_threadpool(record_error, factory, project, idempotency_key, error)
+        else:
+            await run_in_threadpool(_release_now, factory, project, idempotency_key)
         raise
 
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, inspect, select, update
 
 from app.api import idempotency
-from app.api.deps import get_registry
+from app.api.deps import get_dispatcher, get_registry
 from app.errors import ServiceUnavailable
 from app.jobs.reconcile import purge_expired_idempotency_keys, reconcile
 from app.tables import IdempotencyKey, Job, Project
@@ -80,6 +80,29 @@ class FailsOnce:
 
     def __getattr__(self, name):
         return getattr(self._registry, name)
+
+
+class BrokenDispatcher:
+    """Every send fails, after the job and its answer were committed."""
+
+    def send(self, job_id: str) -> bool:
+        raise RuntimeError("broker on fire")
+
+
+def test_a_failure_after_the_commit_keeps_the_stored_answer(client, training_file, sessionmaker):
+    app = client.app
+    app.dependency_overrides[get_dispatcher] = BrokenDispatcher
+    try:
+        raw = TestClient(app, raise_server_exceptions=False, headers=dict(client.headers))
+        body = job_body(training_file)
+        assert create(raw, "commit-then-fail", body).status_code == 500
+        [stored] = stored_keys(sessionmaker).values()
+        assert stored.status_code == 200 and job_count(sessionmaker) == 1  # the job and its answer are in
+    finally:
+        app.dependency_overrides.pop(get_dispatcher, None)
+    retry = create(client, "commit-then-fail", body)
+    assert retry.status_code == 200 and retry.json() == stored.response  # replayed, not made twice
+    assert job_count(sessionmaker) == 1
 
 
 @pytest.mark.parametrize(
