@@ -22,7 +22,7 @@ from app.config import Settings
 from app.db import rows_matched, session_scope
 from app.jobs import transitions
 from app.jobs.checkpoints import latest_checkpoint
-from app.jobs.reconcile import give_up
+from app.jobs.reconcile import give_up, pause_if_asked
 from app.jobs.status import JobStatus
 from app.tables import Job, Project
 
@@ -81,6 +81,8 @@ def claim_job(factory: sessionmaker[Session], job_id: str, settings: Settings) -
             return None
         if job.lease_until is not None and job.lease_until > time.time():
             return None  # a live worker holds it
+        if pause_if_asked(session, job):
+            return None  # its worker was lost after a pause was asked for: paused, not trained on
         if job.attempt >= settings.max_job_attempts:
             give_up(session, job)
             return None

@@ -1,7 +1,8 @@
 """Re-driving what the broker lost, from the job rows: running jobs whose lease expired go back to the queue
-(or fail, after `max_job_attempts`), jobs left queued are sent again, and expired idempotency keys are purged.
-Run once by the API at start-up and every `reconcile_interval_seconds` by every worker. Safe from many
-processes at once: every change is a compare-and-set."""
+(or fail, after `max_job_attempts`; or pause, if a pause was asked for), jobs left queued are sent again,
+and expired idempotency keys are purged. Run once by the API at start-up and every
+`reconcile_interval_seconds` by every worker. Safe from many processes at once: every change is a
+compare-and-set."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ def give_up(session: Session, job: Job) -> bool:
     return transitions.fail(session, job, "max_attempts_exceeded", message)
 
 
+def pause_if_asked(session: Session, job: Job) -> bool:
+    """A job whose worker was lost after a pause was asked for is paused at its last checkpoint, as asked,
+    rather than trained on."""
+    if not job.pause_requested:
+        return False
+    checkpoint = latest_checkpoint(session, job.id)
+    return transitions.settle_pause(session, job, checkpoint.step_number if checkpoint else None)
+
+
 def purge_expired_idempotency_keys(session: Session, ttl_seconds: float) -> int:
     return rows_matched(session, delete(IdempotencyKey).where(IdempotencyKey.created_at < time.time() - ttl_seconds))
 
@@ -44,11 +54,13 @@ def purge_expired_idempotency_keys(session: Session, ttl_seconds: float) -> int:
 def reconcile(factory: sessionmaker[Session], dispatcher: Dispatcher, settings: Settings) -> dict[str, int]:
     """One pass; returns what it did."""
     t = time.time()
-    counts = {"requeued": 0, "failed": 0, "sent": 0}
+    counts = {"requeued": 0, "paused": 0, "failed": 0, "sent": 0}
     with session_scope(factory) as session:
         expired = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_until < t)).all()
         for job in expired:
-            if job.attempt >= settings.max_job_attempts:
+            if pause_if_asked(session, job):
+                counts["paused"] += 1
+            elif job.attempt >= settings.max_job_attempts:
                 counts["failed"] += give_up(session, job)
             else:
                 counts["requeued"] += transitions.requeue(

@@ -1,15 +1,19 @@
 """The job state machine: the one table of legal moves, and each move as one compare-and-set.
 
-Every status write in the service goes through a function here. Each updates the row only if its status and
-attempt are still what the caller read (so two writers never both win), writes the move's event in the same
-transaction, and returns whether it won. The API locks the row before it moves a job, so for the API a lost
-compare-and-set means an illegal move; a worker moves only jobs its fenced claim owns (see worker/leases.py).
+Every change of a job's status goes through a function here (creation inserts the first, `queued`). Each
+updates the row only if its status, attempt and pending pause are still what the caller read (so two writers
+never both win), writes the move's event in the same transaction, and returns whether it won. The API locks
+the row before it moves a job (a lock Postgres honours; SQLite serialises writers instead, so there a move can
+lose to a worker's and the API reads the job again); a worker moves only the job its fenced claim owns (see
+worker/leases.py).
 
   queued --claim--> running --succeed--> succeeded
-    ^                 |  \\--fail--> failed
-    |                 |   \\--requeue (lease expired)--> queued
-    |                 |--request_pause (job stays running; the worker checkpoints, then)--
-    |                 |--acknowledge_pause--> paused --resume--> queued
+    |  ^              |  \--fail--> failed
+    |  |              |   \--requeue (lease expired)--> queued; or re-claimed at once
+    |  |              |--request_pause: stays running; its worker checkpoints, then --acknowledge_pause-->
+    |  |              |  (or its worker is lost meanwhile --settle_pause-->)            paused
+    |  +--resume--------------------------------------------------------------------- paused
+    +--pause (a queued job, at once)-------------------------------------------------> paused
   any but succeeded/failed/cancelled --cancel--> cancelled
 """
 
@@ -35,6 +39,7 @@ LEGAL: dict[str, tuple[frozenset[JobStatus], JobStatus]] = {
     "request_pause": (frozenset({S.RUNNING}), S.RUNNING),
     "pause_queued": (frozenset({S.QUEUED}), S.PAUSED),
     "acknowledge_pause": (frozenset({S.RUNNING}), S.PAUSED),
+    "settle_pause": (frozenset({S.RUNNING}), S.PAUSED),  # the worker was lost before it acknowledged
     "withdraw_pause": (frozenset({S.RUNNING}), S.RUNNING),
     "resume": (frozenset({S.PAUSED}), S.QUEUED),
     "cancel": (frozenset(S) - TERMINAL, S.CANCELLED),
@@ -48,7 +53,12 @@ def _move(session: Session, job: Job, move: str, **values: object) -> bool:
     matched = rows_matched(
         session,
         update(Job)
-        .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == job.status)
+        .where(
+            Job.id == job.id,
+            Job.attempt == job.attempt,
+            Job.status == job.status,
+            Job.pause_requested.is_(job.pause_requested),
+        )
         .values(status=target.value, **values)
         .execution_options(synchronize_session=False),
     )
@@ -147,6 +157,18 @@ def acknowledge_pause(session: Session, job: Job, step: int) -> bool:
     moved = _move(session, job, "acknowledge_pause", lease_until=None, estimated_finish=None, pause_requested=False)
     if moved:
         add_event(session, job.id, f"Fine-tuning job paused at step {step}; resume continues from there")
+    return moved
+
+
+def settle_pause(session: Session, job: Job, checkpoint_step: int | None) -> bool:
+    """A pause was asked for, but the job's worker was lost before it let go: the job is paused where its last
+    checkpoint left it, as asked, rather than re-queued."""
+    if not job.pause_requested:
+        return False
+    moved = _move(session, job, "settle_pause", lease_until=None, estimated_finish=None, pause_requested=False)
+    if moved:
+        where = f"at step {checkpoint_step}" if checkpoint_step else "before its first checkpoint"
+        add_event(session, job.id, f"Fine-tuning job paused {where} (its worker stopped); resume continues there")
     return moved
 
 

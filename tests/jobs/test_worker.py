@@ -317,3 +317,23 @@ def test_a_pause_withdrawn_after_the_worker_checkpointed_puts_the_job_back_in_th
     assert (job.status, job.lease_until, dispatcher.sent) == ("queued", None, [job_id])
     assert event_messages(sessionmaker, job_id)[-1] == "Pause withdrawn after the checkpoint at step 3; re-queued"
     assert run_job(ctx, job_id) == "succeeded"  # and the next claim runs it
+
+
+@pytest.mark.parametrize("found_by", ["reconciler", "a new claim"])
+def test_a_pause_asked_for_is_kept_when_the_worker_is_lost(client, ctx, sessionmaker, create_job, settings, found_by):
+    job_id = create_job()
+    assert claim_job(sessionmaker, job_id, settings) is not None
+    base = f"/v1/fine_tuning/jobs/{job_id}"
+    assert client.post(f"{base}/pause").json()["status"] == "running"
+    with session_scope(sessionmaker) as session:  # ... and its worker dies before it lets go
+        session.execute(update(Job).where(Job.id == job_id).values(lease_until=time.time() - 1))
+    if found_by == "reconciler":
+        assert reconcile(sessionmaker, RecordingDispatcher(), settings)["paused"] == 1
+    else:
+        assert claim_job(sessionmaker, job_id, settings) is None
+    job = job_row(sessionmaker, job_id)
+    assert (job.status, job.pause_requested, job.lease_until, job.attempt) == ("paused", False, None, 1)
+    expected = "Fine-tuning job paused before its first checkpoint (its worker stopped); resume continues there"
+    assert event_messages(sessionmaker, job_id)[-1] == expected
+    assert client.post(f"{base}/resume").json()["status"] == "queued"
+    assert run_job(ctx, job_id) == "succeeded"
