@@ -244,8 +244,12 @@ def _illegal(job: Job, action: str) -> InvalidRequest:
 
 
 def _act(session: Session, project: CurrentProject, job_id: str, move: Callable[[Session, Job], bool]) -> Job:
-    """Lock the job's row, then move it; with the row locked, a move refused is a move not allowed now."""
+    """Lock the job's row, then move it. On Postgres the lock makes a refused move one not allowed now; SQLite
+    takes no row lock, so a worker may have moved the job since it was read: read it again and decide once more."""
     job = get_job(session, project, job_id, for_update=True)
+    if move(session, job):
+        return job
+    session.refresh(job)
     if not move(session, job):
         raise _illegal(job, move.__name__)
     return job
