@@ -7,6 +7,7 @@ import threading
 
 from celery.signals import worker_ready
 
+from app.jobs.broker import TRAIN_TASK
 from app.jobs.reconcile import reconcile
 from worker.celery_app import celery_app
 from worker.context import worker_context
@@ -15,7 +16,7 @@ from worker.runner import run_job
 log = logging.getLogger("tuneserve.tasks")
 
 
-@celery_app.task(name="tuneserve.train_job")
+@celery_app.task(name=TRAIN_TASK)
 def train_job(job_id: str) -> str:
     """Claim the job in the database and train it, or do nothing if it is not ours to run."""
     outcome = run_job(worker_context(), job_id)

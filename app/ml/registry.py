@@ -17,7 +17,7 @@ from app.ml.tiny import TINY_CONTEXT_LENGTH, TINY_MODEL_NAME, ensure_tiny_model
 
 @dataclass(frozen=True)
 class TrainingDefaults:
-    """Per-base-model defaults that `worker.training.spec.resolve_spec` starts from.
+    """Per-base-model defaults that `app.jobs.spec.resolve_spec` starts from.
 
     `learning_rate` is what `learning_rate_multiplier=1` means. `auto_min_target_examples` is the least number
     of example passes (examples x epochs) "auto" epochs aims for, so small datasets still see enough passes.

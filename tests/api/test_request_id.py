@@ -89,8 +89,15 @@ def test_uvicorn_access_lines_end_with_the_request_id():
     assert config["handlers"]["access"]["filters"] == ["request_id"]
     formatter = AccessFormatter(config["formatters"]["access"]["fmt"], use_colors=False)
     log_filter = config["filters"]["request_id"]["()"]()
-    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
-                               ("127.0.0.1:1", "GET", "/healthz", "1.1", 200), None)  # fmt: skip
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:1", "GET", "/healthz", "1.1", 200),
+        None,
+    )
     token = current_request_id.set("req_in_the_log")
     try:
         assert log_filter.filter(record)
