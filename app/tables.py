@@ -96,6 +96,9 @@ class Job(Base):
     dispatched_at: Mapped[float | None] = mapped_column(Float)
     # A client asked a running job to pause; it stays running until its worker has checkpointed and let go.
     pause_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Workers that stopped without finishing it (lease expired): the attempt limit counts these, not the claims,
+    # so pausing and resuming never uses it up.
+    lost_workers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobEvent(Base):

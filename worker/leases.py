@@ -22,7 +22,7 @@ from app.config import Settings
 from app.db import rows_matched, session_scope
 from app.jobs import transitions
 from app.jobs.checkpoints import latest_checkpoint
-from app.jobs.reconcile import give_up, pause_if_asked
+from app.jobs.reconcile import give_up, out_of_attempts, pause_if_asked
 from app.jobs.status import JobStatus
 from app.tables import Job, Project
 
@@ -83,8 +83,8 @@ def claim_job(factory: sessionmaker[Session], job_id: str, settings: Settings) -
             return None  # a live worker holds it
         if pause_if_asked(session, job):
             return None  # its worker was lost after a pause was asked for: paused, not trained on
-        if job.attempt >= settings.max_job_attempts:
-            give_up(session, job)
+        if job.status == JobStatus.RUNNING and out_of_attempts(job, settings):
+            give_up(session, job)  # its lease expired: the worker just found lost was one too many
             return None
         # Serialise claims within a project so the running-jobs limit holds (a no-op lock on SQLite,
         # which serialises writers anyway).

@@ -217,7 +217,9 @@ def _release_paused(ctx: WorkerContext, claim: Claim, step: int) -> str:
         job = claimed_job(session, claim)
         if transitions.acknowledge_pause(session, job, step):
             return "paused"
-        transitions.requeue(session, job, f"Pause withdrawn after the checkpoint at step {step}; re-queued")
+        transitions.requeue(
+            session, job, f"Pause withdrawn after the checkpoint at step {step}; re-queued", worker_lost=False
+        )
     ctx.dispatcher.send(claim.job_id)
     return "requeued"
 

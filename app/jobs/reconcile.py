@@ -27,12 +27,17 @@ class Dispatcher(Protocol):
     def send(self, job_id: str) -> bool: ...
 
 
+def out_of_attempts(job: Job, settings: Settings) -> bool:
+    """Whether the worker just found lost is one too many: the limit counts lost workers, not claims."""
+    return job.lost_workers + 1 >= settings.max_job_attempts
+
+
 def give_up(session: Session, job: Job) -> bool:
-    """Fail a job whose workers kept dying without finishing it."""
+    """Fail a job whose workers kept dying without finishing it (the last of them just found lost)."""
     checkpoint = latest_checkpoint(session, job.id)
     where = f" The last checkpoint was at step {checkpoint.step_number}." if checkpoint else ""
     message = (
-        f"The job's worker stopped without finishing {job.attempt} times (lost, killed or out of memory); "
+        f"The job's worker stopped without finishing {job.lost_workers + 1} times (lost, killed or out of memory); "
         f"giving up.{where} Check the worker logs, then start a new job."
     )
     return transitions.fail(session, job, "max_attempts_exceeded", message)
@@ -60,11 +65,14 @@ def reconcile(factory: sessionmaker[Session], dispatcher: Dispatcher, settings: 
         for job in expired:
             if pause_if_asked(session, job):
                 counts["paused"] += 1
-            elif job.attempt >= settings.max_job_attempts:
+            elif out_of_attempts(job, settings):
                 counts["failed"] += give_up(session, job)
             else:
                 counts["requeued"] += transitions.requeue(
-                    session, job, "The job's worker stopped responding; re-queued to resume from its last checkpoint"
+                    session,
+                    job,
+                    "The job's worker stopped responding; re-queued to resume from its last checkpoint",
+                    worker_lost=True,
                 )
         purge_expired_idempotency_keys(session, settings.idempotency_ttl_seconds)
     with session_scope(factory) as session:

@@ -69,13 +69,15 @@ def _move(session: Session, job: Job, move: str, **values: object) -> bool:
 
 
 def claim(session: Session, job: Job, *, lease_seconds: float, worker: str, resumed_from: int | None) -> bool:
-    """A worker takes the job: the attempt number goes up by one and becomes its fencing token."""
+    """A worker takes the job: the attempt number goes up by one and becomes its fencing token. Taking a running
+    job (its lease expired) means its worker was lost."""
     attempt = job.attempt + 1
     moved = _move(
         session,
         job,
         "claim",
         attempt=attempt,
+        lost_workers=job.lost_workers + (job.status == S.RUNNING),
         lease_until=time.time() + lease_seconds,
         worker=worker,
         estimated_finish=None,
@@ -88,11 +90,11 @@ def claim(session: Session, job: Job, *, lease_seconds: float, worker: str, resu
     return moved
 
 
-def requeue(session: Session, job: Job, message: str) -> bool:
+def requeue(session: Session, job: Job, message: str, *, worker_lost: bool) -> bool:
     """Back to the queue (its worker was lost, or gave the job back); the next claim resumes from the last
     checkpoint."""
     cleared = {"lease_until": None, "dispatched_at": None, "estimated_finish": None, "pause_requested": False}
-    moved = _move(session, job, "requeue", **cleared)
+    moved = _move(session, job, "requeue", lost_workers=job.lost_workers + worker_lost, **cleared)
     if moved:
         add_event(session, job.id, message, level="warn")
     return moved

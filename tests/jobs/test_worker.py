@@ -337,3 +337,19 @@ def test_a_pause_asked_for_is_kept_when_the_worker_is_lost(client, ctx, sessionm
     assert event_messages(sessionmaker, job_id)[-1] == expected
     assert client.post(f"{base}/resume").json()["status"] == "queued"
     assert run_job(ctx, job_id) == "succeeded"
+
+
+def test_pausing_and_resuming_never_uses_up_the_attempt_limit(client, ctx, sessionmaker, create_job, settings):
+    from worker.runner import _release_paused
+
+    job_id = create_job()
+    base = f"/v1/fine_tuning/jobs/{job_id}"
+    for _ in range(settings.max_job_attempts + 1):  # each cycle is a claim that ends in a clean let-go
+        claim = claim_job(sessionmaker, job_id, settings)
+        assert claim is not None
+        assert client.post(f"{base}/pause").json()["status"] == "running"
+        assert _release_paused(ctx, claim, 0) == "paused"
+        assert client.post(f"{base}/resume").json()["status"] == "queued"
+    assert run_job(ctx, job_id) == "succeeded"
+    job = job_row(sessionmaker, job_id)
+    assert (job.attempt, job.lost_workers) == (settings.max_job_attempts + 2, 0)
