@@ -39,8 +39,9 @@ def test_mixed_adapter_batch_equals_one_at_a_time(make_engine, tokenizer, adapte
 @pytest.mark.parametrize("scheduling", ["continuous", "static"])
 def test_requests_join_a_running_batch_and_match_alone(make_engine, tokenizer, adapters, scheduling):
     engine = make_engine(max_batch_size=4, scheduling=scheduling)
-    # min_tokens: the first request runs all 40 steps whatever it samples, so the others are short beside it.
-    first = request(tokenizer, "a long running request", adapters[0], max_tokens=40, min_tokens=40)
+    # min_tokens: the first request runs all 120 steps whatever it samples, so the others are short beside it,
+    # with a wide margin for the event loop to submit them while it still decodes.
+    first = request(tokenizer, "a long running request", adapters[0], max_tokens=120, min_tokens=120)
     later = [request(tokenizer, PROMPTS[i], [None, *adapters][i], max_tokens=6 + 3 * i) for i in range(5)]
     finish_order = []  # indexes into [first, *later], in the order their Finished events arrived
 
@@ -61,11 +62,11 @@ def test_requests_join_a_running_batch_and_match_alone(make_engine, tokenizer, a
     results = asyncio.run(main())
     alone = run_one_by_one(make_engine(max_batch_size=1), [first, *later])
     assert results == alone
-    assert results[0][1].completion_tokens == 40
+    assert results[0][1].completion_tokens == 120
     metrics = engine.metrics()
     assert metrics["batch_size_bucket_le_1"] < metrics["batch_size_count"]  # some steps held several rows
     # Only continuous admission lets a request that arrives mid-decode join the running batch: the base-model
-    # request (6 tokens, no adapter to load) then finishes long before the 40-token request it joined. A static
+    # request (6 tokens, no adapter to load) then finishes long before the 120-token request it joined. A static
     # batch admits nobody until the running one is done, so the first request finishes before every later one.
     if scheduling == "continuous":
         assert finish_order.index(1) < finish_order.index(0), finish_order
