@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -158,6 +159,16 @@ class OwnedServer:
     def _start(self) -> None:
         raise NotImplementedError
 
+    def _answers_in_time(self, answers: Callable[[str], bool], *, seconds: float, interval: float) -> bool:
+        """Whether the server at `self.url` answered before it exited or `seconds` ran out."""
+        assert self.proc is not None
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if answers(self.url):
+                return True
+            time.sleep(interval)
+        return False
+
     def stop(self) -> None:
         if self.proc is not None:
             _stop(self.proc, self.stop_signal)
@@ -207,11 +218,8 @@ class OwnedPostgres(OwnedServer):
                      "-c", "full_page_writes=off", "-c", "max_connections=200"],
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as,
                 )  # fmt: skip
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if postgres_answers(self.url):
-                    return
-                time.sleep(0.1)
+            if self._answers_in_time(postgres_answers, seconds=60, interval=0.1):
+                return
             if self.proc.poll() is None:
                 break
         raise RuntimeError(f"postgres ({self.bin_dir}) did not start:\n{self.log()}")
@@ -241,11 +249,8 @@ class OwnedRedis(OwnedServer):
                      "--appendonly", "no", "--dir", str(self.dir)],
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 )  # fmt: skip
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if redis_answers(self.url):
-                    return
-                time.sleep(0.05)
+            if self._answers_in_time(redis_answers, seconds=20, interval=0.05):
+                return
             if self.proc.poll() is None:
                 break
         raise RuntimeError(f"redis-server ({self.binary}) did not start:\n{self.log()}")
