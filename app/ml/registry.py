@@ -1,4 +1,5 @@
-"""Base models a job may fine-tune: `TUNESERVE_BASE_MODELS` (name -> local dir or hub id) plus `tuneserve-tiny`.
+"""Base models a job may fine-tune: `TUNESERVE_BASE_MODELS` (name -> local dir or hub id), `tuneserve-tiny` and
+the built-in family models (`tiny-llama3`, `tiny-qwen2`, ...; app.ml.families).
 
 Training defaults live here, with the model they suit: a random tiny model needs a learning rate two orders
 of magnitude above what a pretrained 1B model tolerates, so one global default would be wrong for both.
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from app.config import Settings
 from app.errors import NotFound
+from app.ml.families import FAMILIES, ensure_family_model, family_of_model_name
+from app.ml.families.specs import CONTEXT_LENGTH as FAMILY_CONTEXT_LENGTH
 from app.ml.tiny import TINY_CONTEXT_LENGTH, TINY_MODEL_NAME, ensure_tiny_model
 
 
@@ -72,8 +75,8 @@ class BaseModelInfo:
 class BaseModelRegistry:
     """Names -> base models. `names()` lists them; `resolve(name)` returns a `BaseModelInfo`.
 
-    The tiny model is built into `settings.data_dir` on the first `resolve` (not on construction, so listing
-    names stays cheap). Entries in `settings.base_models` may override `tuneserve-tiny` deliberately.
+    Built-in models are built into `settings.data_dir` on their first `resolve` (not on construction, so listing
+    names stays cheap). Entries in `settings.base_models` may override a built-in name deliberately.
     """
 
     def __init__(self, settings: Settings):
@@ -81,7 +84,7 @@ class BaseModelRegistry:
         self._configured = dict(settings.base_models)
 
     def names(self) -> list[str]:
-        return sorted({TINY_MODEL_NAME, *self._configured})
+        return sorted({TINY_MODEL_NAME, *(f.model_name for f in FAMILIES.values()), *self._configured})
 
     def resolve(self, name: str) -> BaseModelInfo:
         if name in self._configured:
@@ -94,6 +97,17 @@ class BaseModelRegistry:
                 name_or_path=str(path.resolve()),
                 defaults=TINY_DEFAULTS,
                 context_length=TINY_CONTEXT_LENGTH,
+                builtin=True,
+            )
+        family = family_of_model_name(name)
+        if family is not None:
+            path = ensure_family_model(self._data_dir, family.name)
+            return BaseModelInfo(
+                name=name,
+                path=path,
+                name_or_path=str(path.resolve()),
+                defaults=TINY_DEFAULTS,  # random weights like tuneserve-tiny's, at the same size
+                context_length=FAMILY_CONTEXT_LENGTH,
                 builtin=True,
             )
         known = ", ".join(self.names())

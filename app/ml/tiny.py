@@ -7,11 +7,10 @@ exactly like a real model, so nothing downstream special-cases it.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from app.ml.build_once import build_once
 
 if TYPE_CHECKING:  # transformers is imported when the model is built, not with this module
     from transformers import PreTrainedTokenizerFast
@@ -63,28 +62,8 @@ def tiny_model_dir(data_dir: Path) -> Path:
 
 
 def ensure_tiny_model(data_dir: Path) -> Path:
-    """Return the directory of the tiny model under `data_dir`, building it on first use.
-
-    Idempotent and safe when several processes call it at once: each builds into its own temporary directory
-    next to the target and renames it into place; a loser of the race discards its copy.
-    """
-    target = tiny_model_dir(data_dir)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build_tiny_model(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished first (the target is a non-empty directory): use theirs.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Return the directory of the tiny model under `data_dir`, building it on first use (see `build_once`)."""
+    return build_once(tiny_model_dir(data_dir), build_tiny_model)
 
 
 def _byte_to_unicode() -> dict[int, str]:
