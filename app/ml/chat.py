@@ -1,11 +1,19 @@
 """Rendering of chat and prompt/completion examples into token ids: one code path for training and inference.
 
 Why one path: a model trained on ids that differ from what inference feeds (double BOS, a different
-tokenization at a turn boundary, EOS vs end-of-turn) silently underperforms. Here a conversation is cut into
-segments at message boundaries by rendering the model's own chat template on successive prefixes; each
-segment is tokenized on its own with `add_special_tokens=False` (the template already holds BOS and the turn
-markers). Training and inference concatenate the same segments, so the ids training sees before an assistant
-turn are exactly `render_chat_prompt(messages_before_it)`.
+tokenization at a turn boundary, EOS vs end-of-turn) silently underperforms. A conversation is rendered once,
+whole, with the model's own chat template and tokenized whole (as `apply_chat_template` and every serving engine
+do); supervised spans are character spans of that text, mapped to tokens through the tokenizer's offsets:
+- where the template marks assistant spans with `{% generation %}`, those spans;
+- otherwise each assistant turn starts where the template's rendering of the conversation before it, with the
+  generation prompt, ends (the template's own prefix), or, where the template rewrites earlier turns so that
+  prefix does not match, where the message's content appears after the previous turn.
+Each span runs through the first end-of-turn token after it, so the model learns to stop. No family is special-
+cased: what differs between families lives in their templates.
+
+The last assistant turn is always trained after exactly the text inference renders for it: when the template
+renders the whole conversation differently (Mistral's places the system prompt in the last user turn only when
+that turn is last), the training text is the inference prompt followed by the answer as the template renders it.
 
 Labels follow the Hugging Face convention: same length as `input_ids`, the id where supervised, -100 elsewhere.
 Supervised: the content of assistant messages with weight 1 (default) up to and including their end-of-turn
@@ -14,7 +22,9 @@ token; for prompt/completion, the completion and the EOS token.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -27,7 +37,16 @@ _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "
 
 
 class ChatTemplateError(ValueError):
-    """The tokenizer's chat template cannot be used for training (missing, or not prefix-stable)."""
+    """The model's chat template cannot render this conversation for training: no template, a role it refuses
+    or drops, or assistant turns that cannot be located in its rendering."""
+
+
+class TemplateRefusal(ChatTemplateError):
+    """The template itself raised (its `raise_exception`, or a message it cannot read)."""
+
+    def __init__(self, reason: str, what: str = "this conversation") -> None:
+        super().__init__(f"the model's chat template refuses {what}: {reason}")
+        self.reason = reason
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -42,10 +61,44 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
+# Template switches passed to every rendering. Thinking off: a template with a thinking mode (Qwen3) then ends the
+# generation prompt with the empty think block it writes before the last assistant answer in training, so both
+# see the same prefix. Templates without the switch ignore it.
+TEMPLATE_SWITCHES: dict[str, Any] = {"enable_thinking": False}
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_PROBE = "tuneserveprobe{}x"
+
+
 def _encode(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if not text:
         return []
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: no `weight`, text parts joined into one string, and tool call
+    arguments as objects (OpenAI sends a JSON string; published templates serialise an object)."""
+    out = []
+    for message in messages:
+        clean = {k: v for k, v in message.items() if k != "weight"}
+        content = clean.get("content")
+        if isinstance(content, list):
+            clean["content"] = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if clean.get("tool_calls"):
+            clean["tool_calls"] = [_parsed_arguments(call) for call in clean["tool_calls"]]
+        out.append(clean)
+    return out
+
+
+def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _render(
@@ -54,80 +107,205 @@ def _render(
     tools: list[dict[str, Any]] | None,
     add_generation_prompt: bool,
 ) -> str:
-    if not messages and not add_generation_prompt:
-        return ""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatTemplateError("the base model's tokenizer has no chat template; use prompt/completion data")
-    clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
-    text = tokenizer.apply_chat_template(
-        clean, tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(
+            list(messages),
+            tools=list(tools) if tools else None,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **TEMPLATE_SWITCHES,
+        )
+    except TemplateError as exc:  # the template's raise_exception, e.g. "System role not supported"
+        raise TemplateRefusal(str(exc)) from None
     return cast(str, text)  # tokenize=False renders text (the declared return type covers every mode)
 
 
-def _chat_segments(
-    messages: Sequence[dict[str, Any]],
+def _stop_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    return [str(tokenizer.convert_ids_to_tokens(i)) for i in sorted(end_of_turn_ids(tokenizer))]
+
+
+def _end_of_turn(text: str, start: int, stops: list[str], index: int) -> int:
+    """The end of the first end-of-turn token at or after `start`."""
+    found = [(pos, len(stop)) for stop in stops if (pos := text.find(stop, start)) >= 0]
+    if not found:
+        raise ChatTemplateError(f"no end-of-turn token follows assistant message {index} in the rendered chat")
+    pos, length = min(found)
+    return pos + length
+
+
+def _content_position(text: str, message: dict[str, Any], start: int, index: int, *, last: bool) -> int:
+    content = message.get("content")
+    needle = content.strip() if isinstance(content, str) else ""
+    pos = (text.rfind(needle, start) if last else text.find(needle, start)) if needle else -1
+    if pos < 0:
+        raise ChatTemplateError(
+            f"assistant message {index} cannot be located in the chat template's rendering of the conversation"
+        )
+    return pos
+
+
+def _training_text(
+    messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None
+) -> tuple[str, list[tuple[int, int, int]]]:
+    """The text to train on and (start, end, message index) of each assistant span in it."""
+    text = _render(messages, tokenizer, tools, add_generation_prompt=False)
+    assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if not assistants:
+        return text, []
+    stops = _stop_strings(tokenizer)
+    if _GENERATION_BLOCK.search(str(tokenizer.chat_template)):
+        return text, _generation_spans(messages, tokenizer, tools, text, assistants, stops)
+    last = assistants[-1]
+    if last > 0:
+        prompt = _render(messages[:last], tokenizer, tools, add_generation_prompt=True)
+        if not text.startswith(prompt):
+            # The template renders the conversation before the last answer differently when the answer
+            # follows: train the answer, as the template writes it, after the prompt inference will render.
+            start = _turn_start(messages[:last], tokenizer, tools, text, 0)
+            if start < 0:
+                start = _content_position(text, messages[last], 0, last, last=True)
+            text = prompt + text[start:]
+    spans = []
+    cursor = 0
+    for i in assistants:
+        start = _turn_start(messages[:i], tokenizer, tools, text, cursor) if i > 0 else -1
+        if start < 0:
+            start = _content_position(text, messages[i], cursor, i, last=False)
+        end = _end_of_turn(text, start, stops, i)
+        spans.append((start, end, i))
+        cursor = end
+    return text, spans
+
+
+def _turn_start(
+    before: list[dict[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
     tools: list[dict[str, Any]] | None,
-    add_generation_prompt: bool,
-) -> Iterator[tuple[str, bool]]:
-    """Yield (text, supervised) pieces whose concatenation is the template's rendering of `messages`.
+    text: str,
+    cursor: int,
+) -> int:
+    """Where, at or after `cursor`, the assistant turn that follows `before` starts in `text`, or -1: judged by
+    the template's own rendering of `before`, with and without its generation prompt.
 
-    An assistant message becomes two pieces: the generation prompt (not supervised) and its content up to the
-    end of the turn (supervised unless weight is 0).
+    When `text` continues with the rendered prompt, the turn starts where the prompt ends. Otherwise the
+    conversation before the turn ends where its rendering does (found by its last message's content and the
+    markup after it, when earlier turns were rendered differently), and the turn starts after as much of the
+    generation prompt as `text` repeats there, counted in whole tokens (a template may open turns in history
+    differently than in its generation prompt, as Qwen3's think block; "<think>" and "<tool_call>" share a
+    first character, so characters would over-count).
     """
-    rendered = ""
-    for i, message in enumerate(messages):
-        if message.get("role") == "assistant":
-            if i == 0:
-                with_prompt = _opening_assistant_prompt(message, tokenizer, tools)
-            else:
-                with_prompt = _render(messages[:i], tokenizer, tools, add_generation_prompt=True)
-            _check_prefix(rendered, with_prompt)
-            yield with_prompt[len(rendered) :], False
-            rendered = with_prompt
-            full = _render(messages[: i + 1], tokenizer, tools, add_generation_prompt=False)
-            _check_prefix(rendered, full)
-            yield full[len(rendered) :], message.get("weight", 1) == 1
-        else:
-            full = _render(messages[: i + 1], tokenizer, tools, add_generation_prompt=False)
-            _check_prefix(rendered, full)
-            yield full[len(rendered) :], False
-        rendered = full
-    if add_generation_prompt:
-        full = _render(messages, tokenizer, tools, add_generation_prompt=True)
-        _check_prefix(rendered, full)
-        yield full[len(rendered) :], False
+    prompt = _render(before, tokenizer, tools, add_generation_prompt=True)
+    if text.startswith(prompt) and len(prompt) >= cursor:
+        return len(prompt)
+    history = _render(before, tokenizer, tools, add_generation_prompt=False)
+    end = _history_end(history, before[-1], text, cursor)
+    if end < 0:
+        return -1
+    opening = prompt[len(history) :] if prompt.startswith(history) else ""
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    following = [
+        (token, stop)
+        for token, (begin, stop) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
+        if begin >= end
+    ]
+    agreed = end
+    for ours, (theirs, stop) in zip(_encode(opening, tokenizer), following, strict=False):
+        if ours != theirs:
+            break
+        agreed = stop
+    return agreed
 
 
-def _opening_assistant_prompt(
-    message: dict[str, Any], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None
+def _history_end(history: str, previous: dict[str, Any], text: str, cursor: int) -> int:
+    """The end of `history`'s rendering inside `text` (at or after `cursor`), or -1."""
+    if text.startswith(history) and len(history) >= cursor:
+        return len(history)
+    content = previous.get("content")
+    anchor_at = history.rfind(content.strip()) if isinstance(content, str) and content.strip() else -1
+    if anchor_at < 0:
+        return -1
+    anchor = history[anchor_at:]
+    found = text.find(anchor, cursor)
+    return found + len(anchor) if found >= 0 else -1
+
+
+def _generation_spans(
+    messages: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    tools: list[dict[str, Any]] | None,
+    text: str,
+    assistants: list[int],
+    stops: list[str],
+) -> list[tuple[int, int, int]]:
+    """Spans the template marks with `{% generation %}`, one per assistant message, each extended through the
+    end-of-turn token when the template leaves it outside the block."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template_vars: dict[str, Any] = {**tokenizer.special_tokens_map, **TEMPLATE_SWITCHES}
+    # Declared to return text; with return_assistant_tokens_mask it returns (texts, spans per conversation).
+    result: Any = render_jinja_template(
+        conversations=[messages],
+        tools=list(tools) if tools else None,
+        chat_template=tokenizer.chat_template,
+        return_assistant_tokens_mask=True,
+        **template_vars,
+    )
+    rendered, indices = result
+    marked = [(int(s), int(e)) for s, e in indices[0]]
+    if rendered[0] != text or len(marked) != len(assistants):
+        raise ChatTemplateError("the chat template's {% generation %} blocks do not mark one span per assistant turn")
+    spans = []
+    for (start, end), i in zip(marked, assistants, strict=True):
+        if not any(text[start:end].rstrip().endswith(stop) for stop in stops):
+            end = _end_of_turn(text, end, stops, i)
+        spans.append((start, end, i))
+    return spans
+
+
+def check_chat_support(
+    messages: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None
+) -> None:
+    """Raise ChatTemplateError when the model's template refuses or silently drops part of this conversation:
+    a role it raises on, a role it leaves out of the rendering (its messages would vanish from training), or
+    `tools` it ignores. Probes with marker contents, so what is checked is the conversation's shape."""
+    probe = _template_messages(messages)
+    for n, message in enumerate(probe):
+        if isinstance(message.get("content"), str):
+            message["content"] = _PROBE.format(n)
+    try:
+        text, _ = _training_text(probe, tokenizer, tools)
+    except TemplateRefusal as exc:
+        raise TemplateRefusal(exc.reason, _refused_part(probe, tokenizer, tools)) from None
+    for n, message in enumerate(probe):
+        if isinstance(message.get("content"), str) and _PROBE.format(n) not in text:
+            raise ChatTemplateError(f"the model's chat template does not render '{message.get('role')}' messages")
+    if tools and text == _training_text(probe, tokenizer, None)[0]:
+        raise ChatTemplateError("the model's chat template does not render 'tools'")
+
+
+def _refused_part(
+    messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None
 ) -> str:
-    """The text before an assistant message that opens the conversation. transformers refuses to render an
-    empty conversation, so render this message with a marker as its content and cut at the marker."""
-    marker = "\u2063tuneserve-content-marker\u2063"
-    probe = _render([{"role": "assistant", "content": marker}], tokenizer, tools, add_generation_prompt=False)
-    if marker not in probe:
-        raise ChatTemplateError("the chat template does not render assistant content as given")
-    return probe[: probe.index(marker)]
-
-
-def _check_prefix(prefix: str, text: str) -> None:
-    if not text.startswith(prefix):
-        raise ChatTemplateError(
-            "the chat template is not prefix-stable (rendering more messages changes earlier text), "
-            "so training ids could not match inference ids"
-        )
+    """Names the first message whose addition the template refuses: "'system' messages (message 0)"."""
+    for n in range(1, len(messages) + 1):
+        try:
+            _render(messages[:n], tokenizer, tools, add_generation_prompt=False)
+        except TemplateRefusal:
+            message = messages[n - 1]
+            kind = " with tool_calls" if message.get("tool_calls") else ""
+            return f"'{message.get('role')}' messages{kind} (message {n - 1})"
+    return "this conversation"
 
 
 def render_chat_prompt(
     messages: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None
 ) -> list[int]:
     """Ids inference feeds to generate the next assistant turn after `messages`."""
-    ids: list[int] = []
-    for text, _ in _chat_segments(list(messages), tokenizer, tools, add_generation_prompt=True):
-        ids += _encode(text, tokenizer)
-    return ids
+    return _encode(_render(_template_messages(messages), tokenizer, tools, add_generation_prompt=True), tokenizer)
 
 
 def render_completion_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -140,19 +318,16 @@ def render_chat_example(
     messages: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for a chat example; see the module docstring for what is supervised."""
-    stops = end_of_turn_ids(tokenizer)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, supervised in _chat_segments(list(messages), tokenizer, tools, add_generation_prompt=False):
-        ids = _encode(text, tokenizer)
-        input_ids += ids
-        if not supervised:
-            labels += [IGNORE_INDEX] * len(ids)
-            continue
-        # Supervise through the first end-of-turn token so the model learns to stop; whatever the template
-        # puts after it (a newline before the next turn) belongs to the next prompt, not to the answer.
-        end = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
-        labels += ids[:end] + [IGNORE_INDEX] * (len(ids) - end)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatTemplateError("the base model needs a fast tokenizer (tokenizer.json) to align labels")
+    text, spans = _training_text(_template_messages(messages), tokenizer, tools)
+    supervised = [(s, e) for s, e, i in spans if messages[i].get("weight", 1) == 1]
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    labels = [
+        token if any(s <= begin < e for s, e in supervised) else IGNORE_INDEX
+        for token, (begin, _) in zip(input_ids, encoding["offset_mapping"], strict=True)
+    ]
     return input_ids, labels
 
 

@@ -24,9 +24,11 @@ from app.jobs.status import JobStatus
 from app.ml.registry import BaseModelRegistry
 from app.model_lookup import find_fine_tuned_model
 from app.schemas.jobs import CreateJobRequest, Hyperparameters
+from app.services.conversation_fit import check_conversations_fit
 from app.services.files import get_file
 from app.services.keys import CurrentProject
 from app.services.pagination import Page, keyset_page
+from app.storage import LocalStorage
 from app.tables import File, Job, JobCheckpoint, JobEvent
 
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -138,7 +140,11 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
 
 
 def create_job(
-    session: Session, project: CurrentProject, registry: BaseModelRegistry, request: CreateJobRequest
+    session: Session,
+    project: CurrentProject,
+    registry: BaseModelRegistry,
+    storage: LocalStorage,
+    request: CreateJobRequest,
 ) -> Job:
     """Check the request, then record the job as queued with its events. The caller commits, then dispatches."""
     if request.suffix is not None and not SUFFIX_PATTERN.match(request.suffix):
@@ -156,6 +162,8 @@ def create_job(
     seed = request.seed if request.seed is not None else DEFAULT_SEED
     # The same resolution the worker will do, so out-of-range values fail now rather than in the job.
     resolve_spec(options, training.n_examples or 0, seed=seed)
+    files = [(training, "training_file")] + ([(validation, "validation_file")] if validation else [])
+    check_conversations_fit(storage, registry.resolve(base), files)
 
     job = Job(
         id=ids.job_id(),

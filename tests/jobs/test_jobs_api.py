@@ -7,7 +7,13 @@ from sqlalchemy import func, select, update
 
 from app.jobs.events import add_event
 from app.tables import Job, JobCheckpoint, JobEvent
-from tests.datasets.samples import jsonl, preference_example, prompt_completion_example, valid_chat_file
+from tests.datasets.samples import (
+    chat_example,
+    jsonl,
+    preference_example,
+    prompt_completion_example,
+    valid_chat_file,
+)
 
 JOB_KEYS = {
     "id", "object", "created_at", "model", "organization_id", "status", "fine_tuned_model", "finished_at",
@@ -109,6 +115,33 @@ def test_file_checks(client, training_file):
     assert r.status_code == 400 and r.json()["error"]["param"] == "validation_file"
     completion = upload(client, jsonl(prompt_completion_example(i) for i in range(10)))
     assert create(client, training_file=completion).status_code == 200
+
+
+def test_a_conversation_the_base_models_template_refuses_is_a_400_naming_the_line_and_role(client):
+    """Gemma 2's template raises on system messages and Phi-3's leaves tool turns out; either would otherwise
+    fail or silently mistrain deep in the job. The same files are fine for a model whose template renders them."""
+    no_system = [{"messages": chat_example(i)["messages"][1:]} for i in range(10)]
+    with_system = upload(client, jsonl([*no_system, chat_example(10)]))
+    r = create(client, model="tiny-gemma2", training_file=with_system)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "training_file" and error["code"] == "unsupported_conversation"
+    assert "Line 11" in error["message"] and "'system' messages" in error["message"]
+    assert create(client, model="tiny-gemma2", training_file=upload(client, jsonl(no_system))).status_code == 200
+
+    tool_turn = {
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "tool", "tool_call_id": "call00001", "content": "rain"},
+            {"role": "assistant", "content": "It rains."},
+        ]
+    }
+    tools_file = upload(client, jsonl([*no_system, tool_turn]))
+    r = create(client, model="tiny-phi3", training_file=tools_file)
+    error = r.json()["error"]
+    assert r.status_code == 400 and "Line 11" in error["message"] and "'tool' messages" in error["message"]
+    r = create(client, model="tiny-phi3", training_file=with_system, validation_file=tools_file)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "validation_file"
+    assert create(client, model="tiny-qwen2", training_file=tools_file).status_code == 200
 
 
 def test_too_few_examples_fails_like_openai(client, training_file, sessionmaker):

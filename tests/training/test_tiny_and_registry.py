@@ -55,7 +55,8 @@ def test_registry_lists_configured_models_and_resolves_them(tmp_path, tiny):
     (local / "config.json").write_text(json.dumps({"max_position_embeddings": 1024}))
     settings = Settings(data_dir=tmp_path, base_models={"mine": str(local), "hub": "org/some-model-1b"})
     registry = BaseModelRegistry(settings)
-    assert registry.names() == ["hub", "mine", "tuneserve-tiny"]
+    families = ["tiny-gemma2", "tiny-llama3", "tiny-mistral", "tiny-phi3", "tiny-qwen2", "tiny-qwen3"]
+    assert registry.names() == sorted(["hub", "mine", "tuneserve-tiny", *families])
     mine = registry.resolve("mine")
     assert mine.path == local and mine.context_length == 1024 and mine.defaults.max_seq_length == 1024
     hub = registry.resolve("hub")

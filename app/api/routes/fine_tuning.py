@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.api.deps import DispatcherDep, ProjectDep, RegistryDep, SessionDep
+from app.api.deps import DispatcherDep, ProjectDep, RegistryDep, SessionDep, StorageDep
 from app.api.idempotency import IdempotencyDep
 from app.schemas.errors import ERROR_RESPONSES
 from app.schemas.jobs import (
@@ -36,10 +36,11 @@ def create_fine_tuning_job(
     session: SessionDep,
     project: ProjectDep,
     registry: RegistryDep,
+    storage: StorageDep,
     once: IdempotencyDep,
     dispatcher: DispatcherDep,
 ) -> FineTuningJob:
-    job = jobs.create_job(session, project, registry, body)
+    job = jobs.create_job(session, project, registry, storage, body)
     answer = once.commit(session, job_object(job, project.id))
     jobs.wake_worker(dispatcher, job)
     return answer

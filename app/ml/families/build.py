@@ -99,7 +99,7 @@ def _train_bpe(family: Family) -> Any:
     vocab: dict[str, int] = dict(trained["vocab"])
     for byte in range(256):
         vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    merges = [_merge_pair(m) for m in trained["merges"]]
     core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=family.unk_token, byte_fallback=True))
     core.pre_tokenizer = metaspace
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -107,6 +107,12 @@ def _train_bpe(family: Family) -> Any:
         steps.append(decoders.Strip(" ", 1, 0))  # the space the pre-tokenizer prepended
     core.decoder = decoders.Sequence(steps)
     return core
+
+
+def _merge_pair(merge: str | list[str]) -> tuple[str, str]:
+    # tokenizers serialises a merge as "a b" (older) or ["a", "b"] (newer).
+    first, second = merge.split(" ", 1) if isinstance(merge, str) else merge
+    return first, second
 
 
 def _add_bos_on_encode(tokenizer: PreTrainedTokenizerFast, bos: str) -> None:
@@ -146,7 +152,7 @@ def build_family_model(
         model = getattr(transformers, spec.model_class)(config)
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(LM_HEAD_SCALE)
-    stop_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in spec.stop_tokens]
+    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in spec.stop_tokens]
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
