@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(default=4096, ge=1)  # per request
     max_batch_size: int = Field(default=16, ge=1)  # sequences decoded together
     max_resident_adapters: int = Field(default=64, ge=1)
+    max_lora_rank: int = Field(default=64, ge=1)  # the largest adapter rank served; job creation refuses more
     max_adapter_cache_bytes: int = Field(default=2 * 1024**3, gt=0)
 
     # Jobs. The database decides who owns a job: a worker holds a lease it renews every heartbeat.

@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 max_batch_size=settings.max_batch_size,
                 max_adapters=settings.max_resident_adapters,
                 max_adapter_bytes=settings.max_adapter_cache_bytes,
+                max_lora_rank=settings.max_lora_rank,
             )
             app.state.inference.start()
         # Re-drive what the broker may have lost while nothing was running; off the start-up path.

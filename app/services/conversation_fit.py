@@ -1,9 +1,10 @@
-"""Job creation refuses training or validation data whose conversations the base model's chat template cannot
-render: a role the template refuses (Gemma 2 raises on system messages) or leaves out, tools it ignores. The
-client gets a 400 naming the line and the role at once, instead of a job that fails deep in training.
-
-Conversations are checked once per shape (the sequence of roles, tool calls and tools), so a large file costs
-one read and a handful of template renderings.
+"""What job creation checks against the base model itself, so that a job that cannot work is a 400 now rather
+than a failure deep in training or an adapter that cannot be served:
+- conversations its chat template cannot render: a role the template refuses (Gemma 2 raises on system
+  messages) or leaves out, tools it ignores; named by line and role. Checked once per shape (the sequence of
+  roles, tool calls and tools), so a large file costs one read and a handful of template renderings;
+- LoRA `target_modules` that name no linear layer of the architecture (Phi-3 has `qkv_proj`, not `q_proj`);
+- a LoRA rank above what the inference engine serves.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from app.errors import InvalidRequest
 from app.jobs.storage_keys import file_key
 from app.ml.base_model import load_tokenizer
 from app.ml.chat import ChatTemplateError, check_chat_support
+from app.ml.modules import linear_module_names, short_names, unmatched_targets
 from app.ml.registry import BaseModelInfo
 from app.storage import LocalStorage
 from app.tables import File
@@ -54,6 +56,29 @@ def check_conversations_fit(storage: LocalStorage, base: BaseModelInfo, files: l
                     param=param,
                     code="unsupported_conversation",
                 ) from None
+
+
+def check_lora_fits(base: BaseModelInfo, target_modules: str | list[str], lora_r: int, max_rank: int) -> None:
+    if lora_r > max_rank:
+        raise InvalidRequest(
+            f"lora_r {lora_r} exceeds {max_rank}, the largest rank the inference engine serves.",
+            param="hyperparameters.lora_r",
+            code="invalid_hyperparameters",
+        )
+    if target_modules == "all-linear":
+        return
+    try:
+        modules = linear_module_names(base.name_or_path)
+    except (OSError, ValueError):
+        return  # a base model that cannot be loaded here fails the job with its own error in the worker
+    unmatched = unmatched_targets(list(target_modules), modules)
+    if unmatched:
+        raise InvalidRequest(
+            f"target_modules {unmatched} name no linear layer of {base.name}; its layers are "
+            f'{", ".join(short_names(modules))}, or use "all-linear".',
+            param="hyperparameters.target_modules",
+            code="invalid_hyperparameters",
+        )
 
 
 def _shape(example: dict[str, Any]) -> tuple:

@@ -24,7 +24,7 @@ from app.jobs.status import JobStatus
 from app.ml.registry import BaseModelRegistry
 from app.model_lookup import find_fine_tuned_model
 from app.schemas.jobs import CreateJobRequest, Hyperparameters
-from app.services.conversation_fit import check_conversations_fit
+from app.services.conversation_fit import check_conversations_fit, check_lora_fits
 from app.services.files import get_file
 from app.services.keys import CurrentProject
 from app.services.pagination import Page, keyset_page
@@ -145,6 +145,8 @@ def create_job(
     registry: BaseModelRegistry,
     storage: LocalStorage,
     request: CreateJobRequest,
+    *,
+    max_lora_rank: int,
 ) -> Job:
     """Check the request, then record the job as queued with its events. The caller commits, then dispatches."""
     if request.suffix is not None and not SUFFIX_PATTERN.match(request.suffix):
@@ -161,9 +163,12 @@ def create_job(
     training, validation = _check_training_files(session, project, request, method)
     seed = request.seed if request.seed is not None else DEFAULT_SEED
     # The same resolution the worker will do, so out-of-range values fail now rather than in the job.
-    resolve_spec(options, training.n_examples or 0, seed=seed)
+    spec = resolve_spec(options, training.n_examples or 0, seed=seed)
+    base_info = registry.resolve(base)
+    if parent is None:  # a continued job keeps its parent's LoRA shape, which was checked then
+        check_lora_fits(base_info, spec.target_modules, spec.lora_r, max_lora_rank)
     files = [(training, "training_file")] + ([(validation, "validation_file")] if validation else [])
-    check_conversations_fit(storage, registry.resolve(base), files)
+    check_conversations_fit(storage, base_info, files)
 
     job = Job(
         id=ids.job_id(),

@@ -144,6 +144,22 @@ def test_a_conversation_the_base_models_template_refuses_is_a_400_naming_the_lin
     assert create(client, model="tiny-qwen2", training_file=tools_file).status_code == 200
 
 
+def test_lora_options_the_base_model_cannot_train_or_serve_are_refused_at_creation(client, training_file):
+    """Phi-3 fuses q/k/v into qkv_proj: a Llama-style target list names nothing there. A rank above what the
+    engine serves would train and then never serve."""
+    r = create(client, model="tiny-phi3", training_file=training_file, target_modules=["q_proj", "o_proj"])
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "hyperparameters.target_modules"
+    assert "['q_proj']" in error["message"] and "qkv_proj" in error["message"]
+    for model in ("tiny-phi3", "tiny-qwen2"):
+        body = {"target_modules": ["o_proj", "down_proj"]}
+        assert create(client, model=model, training_file=training_file, **body).status_code == 200
+    r = create(client, training_file=training_file, lora_r=65)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "hyperparameters.lora_r"
+    assert "64" in r.json()["error"]["message"]
+    assert create(client, training_file=training_file, lora_r=64).status_code == 200
+
+
 def test_too_few_examples_fails_like_openai(client, training_file, sessionmaker):
     from app.tables import File
 

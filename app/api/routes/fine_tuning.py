@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.api.deps import DispatcherDep, ProjectDep, RegistryDep, SessionDep, StorageDep
+from app.api.deps import DispatcherDep, ProjectDep, RegistryDep, SessionDep, SettingsDep, StorageDep
 from app.api.idempotency import IdempotencyDep
 from app.schemas.errors import ERROR_RESPONSES
 from app.schemas.jobs import (
@@ -37,10 +37,11 @@ def create_fine_tuning_job(
     project: ProjectDep,
     registry: RegistryDep,
     storage: StorageDep,
+    settings: SettingsDep,
     once: IdempotencyDep,
     dispatcher: DispatcherDep,
 ) -> FineTuningJob:
-    job = jobs.create_job(session, project, registry, storage, body)
+    job = jobs.create_job(session, project, registry, storage, body, max_lora_rank=settings.max_lora_rank)
     answer = once.commit(session, job_object(job, project.id))
     jobs.wake_worker(dispatcher, job)
     return answer
