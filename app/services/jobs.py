@@ -24,7 +24,7 @@ from app.jobs.status import JobStatus
 from app.ml.registry import BaseModelRegistry
 from app.model_lookup import find_fine_tuned_model
 from app.schemas.jobs import CreateJobRequest, Hyperparameters
-from app.services.conversation_fit import check_conversations_fit, check_lora_fits
+from app.services.base_model_fit import check_conversations_fit, check_lora_fits
 from app.services.files import get_file
 from app.services.keys import CurrentProject
 from app.services.pagination import Page, keyset_page
