@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     api_key: str | None = None
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_json_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)  # any JSON request body (app/api/json_bodies.py)
+    max_json_depth: int = Field(default=64, ge=2)
     base_models: dict[str, str] = Field(default_factory=dict)
     inference: Literal["on", "off"] = "on"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

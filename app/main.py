@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
 from app.api.idempotency import install_replay_handler
+from app.api.json_bodies import install_json_body_guard
 from app.api.request_id import install_request_ids
 from app.api.routes import completions, files, fine_tuning, health, models
 from app.config import Settings, get_settings
@@ -60,7 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="tuneserve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     install_replay_handler(app)
-    install_request_ids(app)
+    install_json_body_guard(app, max_bytes=settings.max_json_body_bytes, max_depth=settings.max_json_depth)
+    install_request_ids(app)  # outermost: its id is on every answer, the guard's refusals included
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
