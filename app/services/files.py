@@ -5,17 +5,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app import ids
 from app.datasets import StreamingValidator
-from app.errors import InvalidRequest, NotFound, PayloadTooLarge
+from app.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from app.jobs.status import TERMINAL
 from app.jobs.storage_keys import file_key
 from app.services.keys import CurrentProject
 from app.services.pagination import Page, keyset_page
 from app.storage import LocalStorage
-from app.tables import File
+from app.tables import File, Job
 
 UPLOAD_PURPOSES = frozenset({"fine-tune", "batch", "assistants", "vision", "user_data", "evals"})
 VALIDATED_PURPOSES = frozenset({"fine-tune"})
@@ -117,9 +118,14 @@ def store_upload(
     return row
 
 
-def get_file(session: Session, project: CurrentProject, file_id: str) -> File:
+def get_file(session: Session, project: CurrentProject, file_id: str, *, lock: bool = False) -> File:
+    """The project's file; `lock` holds its row until commit (job creation and deletion, so neither can slip
+    between the other's check and its write)."""
+    query = select(File).where(File.id == file_id, File.project_id == project.id)
+    if lock:
+        query = query.with_for_update()
     # Another project's file is answered exactly like a missing one.
-    row = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
+    row = session.scalar(query)
     if row is None:
         raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
     return row
@@ -146,7 +152,25 @@ def file_content(storage: LocalStorage, row: File) -> Iterator[bytes]:
 
 
 def delete_file(session: Session, storage: LocalStorage, project: CurrentProject, file_id: str) -> str:
-    row = get_file(session, project, file_id)
+    """Delete a file no unfinished job needs (409 naming the job otherwise: a queued or paused job would fail
+    later for want of it). Files of finished jobs may go; the job keeps their ids, as OpenAI's do."""
+    row = get_file(session, project, file_id, lock=True)
+    user = session.scalar(
+        select(Job.id)
+        .where(
+            Job.project_id == project.id,
+            or_(Job.training_file == file_id, Job.validation_file == file_id),
+            Job.status.not_in([s.value for s in TERMINAL]),
+        )
+        .limit(1)
+    )
+    if user is not None:
+        raise Conflict(
+            f"File {file_id} is used by fine-tuning job {user}, which has not finished; cancel the job or wait "
+            "for it to finish before deleting the file.",
+            param="file_id",
+            code="file_in_use",
+        )
     session.delete(row)
     session.commit()
     # The row goes first: a crash between the two leaves an orphan blob, never a row without its bytes.

@@ -82,7 +82,7 @@ def _check_training_files(
 
 def get_file_param(session: Session, project: CurrentProject, file_id: str, param: str) -> File:
     try:
-        return get_file(session, project, file_id)
+        return get_file(session, project, file_id, lock=True)  # a delete waits until this job is committed
     except NotFound:
         raise InvalidRequest(f"File {file_id} does not exist.", param=param, code="file_not_found") from None
 

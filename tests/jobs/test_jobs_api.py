@@ -160,6 +160,19 @@ def test_lora_options_the_base_model_cannot_train_or_serve_are_refused_at_creati
     assert create(client, training_file=training_file, lora_r=64).status_code == 200
 
 
+def test_a_file_an_unfinished_job_needs_cannot_be_deleted(client, training_file):
+    validation = upload(client)
+    job = create(client, training_file=training_file, validation_file=validation).json()["id"]
+    for file_id in (training_file, validation):
+        r = client.delete(f"/v1/files/{file_id}")
+        error = r.json()["error"]
+        assert r.status_code == 409 and error["code"] == "file_in_use" and job in error["message"]
+        assert client.get(f"/v1/files/{file_id}").status_code == 200
+    assert client.post(f"/v1/fine_tuning/jobs/{job}/cancel").status_code == 200
+    assert client.delete(f"/v1/files/{training_file}").json()["deleted"] is True
+    assert client.get(f"/v1/fine_tuning/jobs/{job}").json()["training_file"] == training_file
+
+
 def test_too_few_examples_fails_like_openai(client, training_file, sessionmaker):
     from app.tables import File
 
