@@ -6,13 +6,13 @@ import argparse
 import contextlib
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.config import Settings, SettingsError, get_settings
+from app.supervisor import SupervisedProcess
 
 if TYPE_CHECKING:  # the commands import the database modules only when they run
     from sqlalchemy.orm import Session, sessionmaker
@@ -131,10 +131,12 @@ def _default_key_line(settings: Settings) -> str:
 
 
 def cmd_up(settings: Settings, _args: argparse.Namespace) -> int:
-    """Everything in one process group: migrate, one worker on the embedded broker, and the API."""
+    """Everything in one process group: migrate, one worker on the embedded broker (restarted if it dies), and
+    the API."""
     _prepare(settings)
     key_line = _default_key_line(settings)
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+    worker = SupervisedProcess([sys.executable, "-m", "app.cli", "worker"], "worker")
+    worker.start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exit so `finally` stops the worker.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
@@ -145,11 +147,7 @@ def cmd_up(settings: Settings, _args: argparse.Namespace) -> int:
     try:
         _serve(settings, on_ready=announce)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        worker.stop(timeout=30)
     return 0
 
 

@@ -22,6 +22,10 @@ from app.jobs.reconcile import reconcile
 from app.ml.registry import BaseModelRegistry
 from app.storage import LocalStorage
 
+log = logging.getLogger(__name__)
+# Temporary upload files untouched this long belong to a writer that died (any live upload writes more often).
+STALE_TEMP_SECONDS = 600.0
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
@@ -33,6 +37,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = make_engine(settings.database_url_resolved)
         app.state.sessionmaker = make_sessionmaker(app.state.engine)
         app.state.storage = LocalStorage(settings.storage_dir)
+        removed = app.state.storage.remove_stale_temp_files(STALE_TEMP_SECONDS)
+        if removed:
+            log.info("removed %d temporary file(s) left by interrupted uploads", removed)
         app.state.registry = BaseModelRegistry(settings)
         app.state.dispatcher = JobDispatcher(settings)
         app.state.inference = None

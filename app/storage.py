@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +87,21 @@ class LocalStorage:
 
     def temp_files(self) -> list[Path]:
         return list(self._tmp.iterdir())
+
+    def remove_stale_temp_files(self, older_than_seconds: float) -> int:
+        """Remove what crashed writers left in the temp area (an upload killed mid-way). Only entries untouched
+        for `older_than_seconds`: another process sharing this storage may be writing the fresh ones."""
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for path in self.temp_files():
+            try:
+                if path.lstat().st_mtime >= cutoff:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue  # its writer finished (renamed it) or another process removed it meanwhile
+        return removed

@@ -241,3 +241,27 @@ def test_file_exactly_at_cap_is_accepted(client, settings):
     r = upload(client, body)
     assert r.status_code == 200, r.text
     assert r.json()["bytes"] == settings.max_upload_bytes
+
+
+def test_start_up_removes_what_interrupted_uploads_left_behind(settings):
+    """A writer killed mid-upload leaves its temporary file; the next start removes it (and only stale ones:
+    another API process sharing the storage may be writing a fresh one)."""
+    import os
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from app.main import STALE_TEMP_SECONDS, create_app
+
+    tmp = settings.storage_dir / ".tmp"
+    tmp.mkdir(parents=True)
+    stale, fresh, stale_dir = tmp / "abc", tmp / "def", tmp / "ghi"
+    stale.write_bytes(b"half an upload")
+    fresh.write_bytes(b"being written")
+    stale_dir.mkdir()
+    (stale_dir / "part").write_bytes(b"x")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    for path in (stale, stale_dir):
+        os.utime(path, (old, old))
+    with TestClient(create_app(settings)):
+        assert sorted(p.name for p in tmp.iterdir()) == ["def"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -11,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import start_job, wait_terminal
+from tests.e2e.conftest import start_job, wait_terminal, wait_until
 from tests.e2e.server import free_port, tuneserve_env
 
 pytestmark = pytest.mark.slow
@@ -81,5 +83,30 @@ def test_up_uses_the_key_from_the_environment_and_its_worker_trains(tmp_path):
         messages = [{"role": "user", "content": "hi"}]
         reply = sdk.chat.completions.create(model=done.fine_tuned_model, messages=messages, max_tokens=3)
         assert reply.choices[0].message.role == "assistant"
+    finally:
+        stop(proc)
+
+
+def test_up_restarts_a_worker_that_dies_and_the_job_finishes(tmp_path):
+    """kill -9 of up's worker mid-job: up starts another, the job's lease lapses, and it resumes there."""
+    key = "ts-my-chosen-key-0123456789"
+    fast_recovery = {
+        "TUNESERVE_JOB_LEASE_SECONDS": "3",
+        "TUNESERVE_JOB_HEARTBEAT_SECONDS": "0.5",
+        "TUNESERVE_RECONCILE_INTERVAL_SECONDS": "1",
+    }
+    proc, url, _ = start_up(tmp_path / "data", TUNESERVE_API_KEY=key, **fast_recovery)
+    try:
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+        job = start_job(sdk, n_epochs=10, batch_size=1, n_checkpoints=10)  # 200 steps, a checkpoint every 20
+        wait_until(lambda: sdk.fine_tuning.jobs.checkpoints.list(job.id).data, what="a first checkpoint")
+        [first] = worker_pids(proc.pid)
+        os.kill(first, signal.SIGKILL)
+        second = wait_until(lambda: [p for p in worker_pids(proc.pid) if p != first], 30, "a new worker")
+        done = wait_terminal(sdk, job.id)
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=1000).data]
+        assert any(m.startswith("Fine-tuning job resumed from step") for m in messages), messages
+        assert second == worker_pids(proc.pid)  # one worker, the restarted one
     finally:
         stop(proc)
