@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     inference: Literal["on", "off"] = "on"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Database connections per API process; a request that waits db_pool_timeout_seconds for one is answered
+    # 503 with Retry-After. Requests hold one only while they query, never while generating or streaming.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+    db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
+
     # Inference.
     max_tokens_limit: int = Field(default=4096, ge=1)  # per request
     max_batch_size: int = Field(default=16, ge=1)  # sequences decoded together

@@ -45,5 +45,11 @@ class Conflict(TuneserveError):
 
 
 class ServiceUnavailable(TuneserveError):
+    """Temporarily unable to answer; `retry_after` (seconds) becomes the Retry-After header."""
+
     status = 503
     type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int = 1):
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after

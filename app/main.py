@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.errors import install_error_handlers
 from app.api.idempotency import install_replay_handler
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 STALE_TEMP_SECONDS = 600.0
 
 
+def _reconcile_once(factory: sessionmaker[Session], dispatcher: JobDispatcher, settings: Settings) -> None:
+    try:
+        reconcile(factory, dispatcher, settings)
+    except Exception:  # a database that is down now: workers reconcile on their own schedule once it is back
+        log.warning("start-up reconciliation skipped: the database is not reachable", exc_info=True)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -34,7 +42,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Long-lived objects live on app.state and are reached through app/api/deps.py.
         app.state.settings = settings
-        app.state.engine = make_engine(settings.database_url_resolved)
+        app.state.engine = make_engine(
+            settings.database_url_resolved,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout_seconds,
+        )
         app.state.sessionmaker = make_sessionmaker(app.state.engine)
         app.state.storage = LocalStorage(settings.storage_dir)
         removed = app.state.storage.remove_stale_temp_files(STALE_TEMP_SECONDS)
@@ -54,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.inference.start()
         # Re-drive what the broker may have lost while nothing was running; off the start-up path.
         reconciling = threading.Thread(
-            target=reconcile, args=(app.state.sessionmaker, app.state.dispatcher, settings), daemon=True
+            target=_reconcile_once, args=(app.state.sessionmaker, app.state.dispatcher, settings), daemon=True
         )
         reconciling.start()
         yield

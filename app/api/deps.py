@@ -53,7 +53,16 @@ SessionmakerDep = Annotated[sessionmaker[Session], Depends(get_sessionmaker)]
 def current_project(
     session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> CurrentProject:
-    return keys.authenticate(session, credentials.credentials if credentials else None)
+    project = keys.authenticate(session, credentials.credentials if credentials else None)
+    release_connection(session)  # what follows may wait on the client (an upload body) before its next query
+    return project
+
+
+def release_connection(session: Session) -> None:
+    """End the session's transaction so its connection goes back to the pool; the session stays usable (its
+    next query takes a connection again). Called before anything that waits on a client or on generation, so
+    slow clients and long streams cannot exhaust the pool for everyone else."""
+    session.close()
 
 
 ProjectDep = Annotated[CurrentProject, Depends(current_project)]

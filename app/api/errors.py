@@ -8,10 +8,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.request_id import current_request_id
-from app.errors import InvalidRequest, NotFound, TuneserveError
+from app.errors import InvalidRequest, NotFound, ServiceUnavailable, TuneserveError
 
 log = logging.getLogger("tuneserve.api")
 
@@ -22,8 +23,18 @@ SCHEMA_ERROR_CODES = {"unsupported_parameter"}
 
 
 def error_response(error: TuneserveError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.envelope(), status_code=error.status, headers=headers)
+    headers = {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, ServiceUnavailable):
+        headers["Retry-After"] = str(error.retry_after)
+    return JSONResponse(error.envelope(), status_code=error.status, headers=headers or None)
+
+
+def database_overloaded() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "The server is busy: no database connection came free in time. Retry shortly.", code="database_busy"
+    )
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequest:
@@ -56,6 +67,11 @@ def install_error_handlers(app: FastAPI) -> None:
             error.status = exc.status_code
             error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(error)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(_request: Request, _exc: PoolTimeout) -> JSONResponse:
+        # Overload, not a fault: every connection is in use. The client may retry; nothing was done.
+        return error_response(database_overloaded())
 
     @app.exception_handler(DataError)
     async def _unrepresentable(_request: Request, exc: DataError) -> JSONResponse:

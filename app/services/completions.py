@@ -116,6 +116,9 @@ class Serving:
     def _model(self, params: SamplingParams) -> tuple[str, AdapterRef | None, PreTrainedTokenizerBase, int]:
         """(base model, adapter, tokenizer, context length) for the requested model, if this project may use it."""
         info = models.get_model(self.session, self.project, self.registry, params.model)
+        # Generation and streaming take seconds to minutes and need nothing more from the database: give the
+        # connection back now rather than when the response ends.
+        self.session.close()
         adapter = None
         if info.adapter_key is not None:
             adapter = AdapterRef(name=info.id, path=models.adapter_dir(self.storage, info))

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ProjectDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import ProjectDep, SessionDep, SettingsDep, StorageDep, release_connection
 from app.api.uploads import receive_upload
 from app.schemas.errors import ERROR_RESPONSES
 from app.schemas.files import FileDeleted, FileList, FileObject
@@ -81,6 +81,7 @@ def retrieve_file_content(
     file_id: str, project: ProjectDep, session: SessionDep, storage: StorageDep
 ) -> StreamingResponse:
     row = files.get_file(session, project, file_id)
+    release_connection(session)  # the body streams for as long as the client takes
     return StreamingResponse(
         files.file_content(storage, row),
         media_type="application/octet-stream",

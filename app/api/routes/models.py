@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import InferenceDep, ProjectDep, RegistryDep, SessionDep, StorageDep
+from app.api.deps import InferenceDep, ProjectDep, RegistryDep, SessionDep, StorageDep, release_connection
 from app.schemas.errors import ERROR_RESPONSES
 from app.schemas.models import ModelDeleted, ModelList, ModelObject
 from app.services import models
@@ -30,6 +30,7 @@ def download_adapter(
     info = models.get_model(session, project, registry, model)
     body = models.adapter_tar(storage, info)  # a base model has no adapter: 404 before any byte is sent
     filename = info.id.replace(":", "_").replace("/", "_") + ".tar"
+    release_connection(session)  # the archive streams for as long as the client takes
     return StreamingResponse(
         body, media_type="application/x-tar", headers={"Content-Disposition": f'attachment; filename="{filename}"'}
     )
