@@ -43,6 +43,9 @@ class Settings(BaseSettings):
 
     # Inference.
     max_tokens_limit: int = Field(default=4096, ge=1)  # per request
+    # One request may not occupy the engine alone: prompts x n sequences, and messages in a conversation.
+    max_sequences_per_request: int = Field(default=64, ge=1)
+    max_messages_per_request: int = Field(default=2048, ge=1)
     max_batch_size: int = Field(default=16, ge=1)  # sequences decoded together
     max_resident_adapters: int = Field(default=64, ge=1)
     max_lora_rank: int = Field(default=64, ge=1)  # the largest adapter rank served; job creation refuses more

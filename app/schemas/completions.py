@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from app.schemas.json_types import INTEGRAL, JsonInt
 
 Stop = str | list[str] | None
 # Why a choice ended, as the API reports it: an end of turn or stop string, or max_tokens.
 FinishReason = Literal["stop", "length"]
 
 
+# Request models validate strictly: a value of another JSON type ("0" for an integer, 0.0 for a boolean) is a
+# 400 naming it, as the published schema promises, not silently coerced.
+STRICT_REQUEST = ConfigDict(extra="forbid", strict=True)
+# Seeds are integers that JSON carries exactly everywhere (a double holds integers up to 2**53): a client in any
+# language, and the published schema's bounds, agree on every value.
+SEED_LIMIT = 2**53 - 1
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT_REQUEST
+
     include_usage: bool = False
 
 
 class SamplingParams(BaseModel):
     """What both endpoints take. Unknown keys are refused with a 400 naming them, as OpenAI does."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_REQUEST
 
     model: str = Field(min_length=1, max_length=255)
+    # Temperatures below 1e-5 decode greedily (app/inference/sampling.py); top_p keeps the likeliest token.
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=16)
+    n: JsonInt = Field(default=1, ge=1, le=16)
     stop: Stop = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-SEED_LIMIT, le=SEED_LIMIT), INTEGRAL] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -37,15 +50,15 @@ class SamplingParams(BaseModel):
 
 class CompletionRequest(SamplingParams):
     prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: JsonInt | None = None
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: JsonInt | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -53,13 +66,13 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: JsonInt | None = None
     response_format: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None

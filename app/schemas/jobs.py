@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from app.jobs.status import JobStatus
+from app.schemas.json_types import INTEGRAL, JsonInt
 from app.schemas.pages import CursorPage, Identified, ListPage
 from app.tables import EventLevel, EventType, Job, JobCheckpoint, JobEvent
 
@@ -15,37 +16,44 @@ AutoOr = Literal["auto"] | int | float
 
 
 class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    n_epochs: Literal["auto"] | int = "auto"
-    batch_size: Literal["auto"] | int = "auto"
+    n_epochs: Literal["auto"] | JsonInt = "auto"
+    batch_size: Literal["auto"] | JsonInt = "auto"
     learning_rate_multiplier: Literal["auto"] | float = "auto"
 
 
 class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     hyperparameters: dict[str, Any] | None = None
 
 
 class DpoMethod(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     hyperparameters: dict[str, Any] | None = None
 
 
 class Method(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
 
 
 class CreateJobRequest(BaseModel):
-    """OpenAI's request, plus LoRA and engine options as extra keys (the SDK sends them via `extra_body`)."""
+    """OpenAI's request, plus LoRA and engine options as extra keys (the SDK sends them via `extra_body`).
+    Validated strictly: a value of another JSON type is a 400, not coerced."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1, max_length=255)
     training_file: str = Field(min_length=1, max_length=64)
     validation_file: str | None = Field(default=None, max_length=64)
     suffix: str | None = None
-    seed: int | None = Field(default=None, ge=0, le=2147483647)
+    seed: Annotated[int, Field(ge=0, le=2147483647), INTEGRAL] | None = None
     method: Method | None = None
     hyperparameters: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None

@@ -52,6 +52,18 @@ def _stop(params: SamplingParams) -> list[str]:
     return stop
 
 
+def _check_sequences(n_prompts: int, n: int, settings: Settings) -> None:
+    """Checked before any tokenizing: one request must not become thousands of sequences in the engine."""
+    if n_prompts * n > settings.max_sequences_per_request:
+        param = "n" if n > 1 else "prompt"
+        raise InvalidRequest(
+            f"This request asks for {n_prompts * n} sequences ({n_prompts} prompt(s) x n={n}); at most "
+            f"{settings.max_sequences_per_request} per request on this server.",
+            param=param,
+            code="too_many_sequences",
+        )
+
+
 def _max_tokens(requested: int | None, param: str, prompt_len: int, context: int, settings: Settings) -> int:
     if requested is not None and requested > settings.max_tokens_limit:
         raise InvalidRequest(
@@ -132,6 +144,7 @@ class Serving:
         texts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not texts:
             raise InvalidRequest("prompt must not be empty.", param="prompt")
+        _check_sequences(len(texts), request.n, self.settings)
         base, adapter, tokenizer, context = self._model(request)
         prompts = [render_completion_prompt(text, tokenizer) for text in texts]
         max_tokens = _max_tokens(request.max_tokens, "max_tokens", max(map(len, prompts)), context, self.settings)
@@ -146,6 +159,13 @@ class Serving:
             response_format=response_format != "text",
         )
         stop = _stop(request)
+        if len(request.messages) > self.settings.max_messages_per_request:
+            raise InvalidRequest(
+                f"This conversation has {len(request.messages)} messages; at most "
+                f"{self.settings.max_messages_per_request} per request on this server.",
+                param="messages",
+                code="too_many_messages",
+            )
         base, adapter, tokenizer, context = self._model(request)
         # The one rendering function training used, so the model sees exactly the prefix it learned from.
         ids = render_chat_prompt([_message_dict(m) for m in request.messages], tokenizer, tools=request.tools)

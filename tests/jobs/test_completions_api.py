@@ -222,3 +222,21 @@ def test_metrics_count_what_the_engine_did(client, fine_tuned_model):
         "tuneserve_inference_generated_tokens_total": tokens,
         "tuneserve_inference_adapter_loads_total": 1,
     }
+
+
+def test_one_request_cannot_become_thousands_of_sequences_or_messages(client):
+    """1,000 prompts x n=16 used to become 16,000 sequences that held the engine for minutes; a 2,000-message
+    chat was rendered (quadratically) before being refused for length. Both are refused before any engine work."""
+    before = metric(client.get("/metrics").text, "tuneserve_inference_requests_total")
+    body = {"model": "tuneserve-tiny", "prompt": ["x"] * 1000, "n": 16, "max_tokens": 1}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_sequences"
+    assert r.json()["error"]["param"] == "n"
+    r = client.post("/v1/completions", json={**body, "n": 1, "prompt": ["x"] * 65})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(2049)]
+    r = client.post("/v1/chat/completions", json={"model": "tuneserve-tiny", "messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_messages"
+    assert metric(client.get("/metrics").text, "tuneserve_inference_requests_total") == before
+    r = client.post("/v1/completions", json={**body, "prompt": ["x"] * 4, "n": 16})  # 64: at the limit
+    assert r.status_code == 200 and len(r.json()["choices"]) == 64
