@@ -23,6 +23,7 @@ from app.jobs.events import add_event
 from app.jobs.spec import resolve_spec
 from app.jobs.storage_keys import checkpoint_key, file_key
 from app.ml.adapter_files import lora_shape, read_adapter_config
+from app.ml.device import peak_memory_bytes, release_memory, start_memory_accounting
 from app.model_lookup import find_fine_tuned_model
 from app.tables import File, Job, JobCheckpoint, Project
 from worker.context import WorkerContext
@@ -141,6 +142,8 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         return "cancelled" if status == "cancelled" else "lost"
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+        # A worker lives for many jobs: what this one held on the GPU goes back before the next one starts.
+        release_memory()
 
 
 def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_dir: Path) -> str:
@@ -161,6 +164,7 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         spec = resolve_spec(options, training.n_examples or 0, defaults=base.defaults, seed=job.seed)
         with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
             claimed_job(session, claim).resolved_hyperparameters = spec.to_dict()
+        memory_at_start = start_memory_accounting()
         result = train(
             spec,
             storage.local_path(file_key(job.training_file)),
@@ -176,6 +180,7 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         if result.stopped == "cancel":
             return "cancelled"
         _report_dropped(ctx, claim, result)
+        _report_throughput(ctx, claim, result, memory_at_start)
         publish(ctx, claim, result)
         return "succeeded"
     except TrainingError as exc:
@@ -235,3 +240,25 @@ def _report_dropped(ctx: WorkerContext, claim: Claim, result: TrainingResult) ->
     if notes:
         with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
             add_event(session, claim.job_id, "; ".join(notes).capitalize() + ".", level="warn")
+
+
+def _report_throughput(
+    ctx: WorkerContext, claim: Claim, result: TrainingResult, memory_at_start: dict[str, int]
+) -> None:
+    """One event with this run's training speed and, on a GPU, its peak memory and what the worker held when the
+    job started (about nothing, when the jobs before it released theirs)."""
+    seconds = result.train_seconds
+    data: dict[str, Any] = {
+        "trained_tokens": result.run_tokens,
+        "train_seconds": round(seconds, 4),
+        "tokens_per_second": round(result.run_tokens / seconds, 1) if seconds > 0 else None,
+    }
+    message = f"Trained {result.run_tokens:,} tokens in {seconds:.1f} s"
+    if seconds > 0:
+        message += f" ({result.run_tokens / seconds:,.0f} tokens/s)"
+    peak = peak_memory_bytes()
+    if peak is not None:
+        data.update(peak_memory_bytes=peak, **{f"{k}_at_start": v for k, v in memory_at_start.items()})
+        message += f"; peak GPU memory {peak / 2**30:.2f} GiB"
+    with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
+        add_event(session, claim.job_id, message, data=data)

@@ -24,9 +24,9 @@ from transformers import PreTrainedModel
 
 from app.jobs.spec import TrainingSpec
 from app.ml.base_model import load_causal_lm, load_tokenizer
-from app.ml.device import pick_device
+from app.ml.device import autocast_dtype, pick_device
 from app.ml.registry import BaseModelInfo
-from worker.training.attention import SEGMENT_ATTENTION
+from worker.training.attention import PACKED_FLASH_ATTENTION, SEGMENT_ATTENTION, flash_attention_available
 from worker.training.callbacks import StopRequest, TrainingCallbacks
 from worker.training.checkpoint import load_adapter_weights, load_checkpoint, save_checkpoint, write_atomically
 from worker.training.data import TokenizedDataset, TokenizedExample, load_dataset
@@ -71,6 +71,10 @@ class TrainingResult:
     last_checkpoint: Path | None = None
     full_valid_loss: float | None = None
     full_valid_mean_token_accuracy: float | None = None
+    # This run alone (a resumed run leaves out what its checkpoint had): tokens trained, and the wall seconds its
+    # optimizer steps took (evaluation and checkpoints excluded; on CUDA the last step is waited for).
+    run_tokens: int = 0
+    train_seconds: float = 0.0
 
     def metrics_csv(self) -> str:
         """The result file: `step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`."""
@@ -81,9 +85,12 @@ class TrainingResult:
 
 
 def default_attention(device: torch.device) -> str:
-    """Per-example attention on CPU (measured faster: no T x T mask, causal halves skipped); on CUDA the
-    standard SDPA path, where transformers builds the block-diagonal mask from the position ids."""
-    return SEGMENT_ATTENTION if device.type == "cpu" else "sdpa"
+    """Per-example attention on CPU (measured faster: no T x T mask, causal halves skipped); on CUDA
+    FlashAttention's varlen kernel over the packed examples where `flash_attn` is installed, else the standard
+    SDPA path, where transformers builds the block-diagonal mask from the position ids."""
+    if device.type == "cpu":
+        return SEGMENT_ATTENTION
+    return PACKED_FLASH_ATTENTION if flash_attention_available() else "sdpa"
 
 
 def load_base_model(
@@ -161,9 +168,12 @@ def evaluate(
 
 
 def _autocast(device: torch.device) -> torch.autocast:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    """bf16 autocast over bf16 base weights (the fp32 LoRA weights' matmuls run in bf16 too; their gradients and
+    the optimizer state stay fp32); none elsewhere."""
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _seed_everything(seed: int) -> None:
@@ -245,6 +255,7 @@ def train(
             raise TrainingError("checkpoint_mismatch", "the checkpoint was written for a different spec or dataset")
         start_step = state["step"]
         rows, trained_tokens, supervised_tokens = state["rows"], state["trained_tokens"], state["supervised_tokens"]
+    resumed_tokens, train_seconds = trained_tokens, 0.0
 
     def result(
         stopped: StopRequest, adapter_dir: Path | None, step: int, last_ckpt: Path | None = None
@@ -267,6 +278,8 @@ def train(
             last_checkpoint=last_ckpt or (checkpoints[-1][1] if checkpoints else None),
             full_valid_loss=final.get("full_valid_loss"),
             full_valid_mean_token_accuracy=final.get("full_valid_mean_token_accuracy"),
+            run_tokens=trained_tokens - resumed_tokens,
+            train_seconds=train_seconds,
         )
 
     def checkpoint(step: int) -> Path:
@@ -304,13 +317,17 @@ def train(
         if epoch not in plans:
             plans = {epoch: plan_epoch(n_examples, spec.batch_size, spec.seed, epoch)}
         batch = [train_data.examples[i] for i in plans[epoch][index]]
+        step_no = step + 1
+        is_last = step_no == total_steps
+        step_started = time.perf_counter()
         loss, accuracy, n_tokens, n_supervised = _optimizer_step(
             model, optimizer, scheduler, trainable, batch, spec, pad_id, device
         )
+        if is_last and device.type == "cuda":
+            torch.cuda.synchronize(device)  # each step waits for the one before it; the last is waited for here
+        train_seconds += time.perf_counter() - step_started
         trained_tokens += n_tokens
         supervised_tokens += n_supervised
-        step_no = step + 1
-        is_last = step_no == total_steps
 
         row: dict[str, Any] = {
             "step": step_no,
