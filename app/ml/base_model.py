@@ -36,17 +36,22 @@ def load_causal_lm(
     return model.to(device)  # type: ignore[arg-type]
 
 
+# Attention implementations that would compute a different function for some architectures, by name (the
+# per-example training kernel is registered by the worker, worker/training/attention.py, under this name).
+_DROPS_SOFTCAPPING = frozenset({"sdpa", "tuneserve_segments"})  # Gemma 2's attention logit soft-capping
+_DROPS_SLIDING_WINDOW = frozenset({"tuneserve_segments"})  # it builds no mask, so it applies no window
+
+
 def attention_for(config: PretrainedConfig, preferred: str) -> str:
-    """`preferred`, unless it would compute a different function for this architecture. Attention logit
-    soft-capping (Gemma 2) is computed by the eager kernel and FlashAttention only: SDPA and the per-example
-    training kernel would silently drop it. Sliding-window layers get their window from transformers' masks, which
-    the per-example kernel (it builds no mask) would not apply."""
-    if getattr(config, "attn_logit_softcapping", None) and preferred != "flash_attention_2":
+    """`preferred`, unless it would silently compute a different function for this architecture: then eager
+    attention (which computes soft-capping) or SDPA (whose masks transformers builds with the sliding window).
+    FlashAttention and the worker's packed varlen kernel compute both, and are kept."""
+    if getattr(config, "attn_logit_softcapping", None) and preferred in _DROPS_SOFTCAPPING:
         return "eager"
     sliding = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
         getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     )
-    if sliding and preferred not in ("eager", "sdpa", "flash_attention_2"):
+    if sliding and preferred in _DROPS_SLIDING_WINDOW:
         return "sdpa"
     return preferred
 

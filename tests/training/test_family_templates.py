@@ -236,3 +236,28 @@ def test_generation_blocks_mark_the_supervised_spans_when_a_template_has_them(to
     start = text.index("hello")
     assert ids == _encode(tokenizer, text)
     assert labels == _expected_labels(tokenizer, text, [(start, start + len("hello<|im_end|>"))])
+
+
+def test_attention_that_would_drop_soft_capping_or_a_window_is_replaced(tmp_path_factory):
+    """SDPA and the per-example training kernel ignore Gemma 2's attention soft-capping (and the per-example
+    kernel its sliding window): the model must then run eager attention, in training and serving alike."""
+    import torch
+
+    from app.ml.base_model import attention_for, load_causal_lm
+
+    gemma = ensure_family_model(tmp_path_factory.mktemp("gemma"), "gemma2")
+    model = load_causal_lm(str(gemma), device=torch.device("cpu"), dtype=torch.float32, attn_implementation="sdpa")
+    assert model.config._attn_implementation == "eager"
+    config = model.config
+    for preferred, expected in [
+        ("sdpa", "eager"),
+        ("tuneserve_segments", "eager"),
+        ("tuneserve_packed_varlen", "tuneserve_packed_varlen"),
+        ("flash_attention_2", "flash_attention_2"),
+    ]:
+        assert attention_for(config, preferred) == expected
+    from transformers import LlamaConfig, MistralConfig
+
+    assert attention_for(MistralConfig(sliding_window=4096), "tuneserve_segments") == "sdpa"
+    assert attention_for(MistralConfig(sliding_window=None), "tuneserve_segments") == "tuneserve_segments"
+    assert attention_for(LlamaConfig(), "sdpa") == "sdpa"
