@@ -94,6 +94,9 @@ def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> No
         port=settings.port,
         log_level=settings.log_level,
         log_config=uvicorn_log_config(),
+        # On SIGTERM, in-flight requests get this long to finish; then what remains is cancelled (streams end,
+        # their sequences stop), so a slow or stuck client cannot hold a deploy.
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
     server = Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a foreground server is meant to stop

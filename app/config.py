@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     base_models: dict[str, str] = Field(default_factory=dict)
     inference: Literal["on", "off"] = "on"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_seconds: int = Field(default=30, ge=0)  # for in-flight requests after SIGTERM
 
     # Database connections per API process; a request that waits db_pool_timeout_seconds for one is answered
     # 503 with Retry-After. Requests hold one only while they query, never while generating or streaming.
