@@ -1,6 +1,7 @@
 """Publishing a finished job, fenced and atomic: blobs first under names unique to this attempt, then one
-transaction that re-checks ownership and writes the model rows, the result file and `succeeded` together.
-A stale worker's publish fails the fence and leaves nothing behind."""
+transaction that re-checks ownership and writes the final model's row, the result file and `succeeded`
+together. A stale worker's publish fails the fence and leaves nothing behind. (Checkpoint models were published
+as each checkpoint was written: worker/runner.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlalchemy import select
 from app import ids
 from app.jobs import transitions
 from app.jobs.storage_keys import adapter_key, file_key
-from app.tables import File, FineTunedModel, JobCheckpoint, Project
+from app.tables import File, FineTunedModel, Project
 from worker.context import WorkerContext
 from worker.leases import Claim, claimed_job, fenced_session
 from worker.training.loop import TrainingResult
@@ -44,17 +45,6 @@ def publish(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> str:
                     storage_key=adapter,
                 )
             )
-            for checkpoint in session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job.id)):
-                session.add(
-                    FineTunedModel(
-                        id=checkpoint.fine_tuned_model_checkpoint,
-                        project_id=job.project_id,
-                        job_id=job.id,
-                        base_model=job.base_model,
-                        step_number=checkpoint.step_number,
-                        storage_key=checkpoint.storage_key,
-                    )
-                )
             session.add(
                 File(
                     id=result_file_id,

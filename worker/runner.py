@@ -25,7 +25,7 @@ from app.jobs.storage_keys import checkpoint_key, file_key
 from app.ml.adapter_files import lora_shape, read_adapter_config
 from app.ml.device import peak_memory_bytes, release_memory, start_memory_accounting
 from app.model_lookup import find_fine_tuned_model
-from app.tables import File, Job, JobCheckpoint, Project
+from app.tables import File, FineTunedModel, Job, JobCheckpoint, Project
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
 from worker.leases import Claim, LeaseLost, claim_job, claimed_job, fenced_session
@@ -99,13 +99,27 @@ class JobCallbacks(TrainingCallbacks):
                 )
                 if exists:
                     return
+                job = claimed_job(session, self._claim)
+                model = ids.checkpoint_model_name(self._model_name, step)
                 session.add(
                     JobCheckpoint(
                         id=ids.checkpoint_id(),
                         job_id=self._claim.job_id,
                         step_number=step,
                         metrics={k: metrics.get(k) for k in CHECKPOINT_METRICS} | {"step": step},
-                        fine_tuned_model_checkpoint=ids.checkpoint_model_name(self._model_name, step),
+                        fine_tuned_model_checkpoint=model,
+                        storage_key=key,
+                    )
+                )
+                # A checkpoint is a model from the moment it exists, so the name the checkpoint lists is
+                # servable whatever becomes of the job (running, cancelled, failed or succeeded).
+                session.add(
+                    FineTunedModel(
+                        id=model,
+                        project_id=job.project_id,
+                        job_id=job.id,
+                        base_model=job.base_model,
+                        step_number=step,
                         storage_key=key,
                     )
                 )

@@ -215,6 +215,25 @@ def test_cancel_mid_training_publishes_nothing(client, ctx, sessionmaker, create
     assert count(sessionmaker, File, purpose="fine-tune-results") == 0
 
 
+def test_a_cancelled_jobs_checkpoints_are_models_that_answer(client, ctx, sessionmaker, create_job):
+    """Every checkpoint the API lists names a model that is served, whatever became of the job; a cancelled
+    job's checkpoint names used to answer 404."""
+    job_id = create_job(hyperparameters={"n_epochs": 50, "batch_size": 1}, n_checkpoints=50)  # one per 20 steps
+    thread, outcome = run_in_thread(ctx, job_id)
+    wait_for(lambda: client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"])
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    thread.join(timeout=30)
+    assert outcome == ["cancelled"]
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert checkpoints
+    for checkpoint in checkpoints:
+        name = checkpoint["fine_tuned_model_checkpoint"]
+        assert client.get(f"/v1/models/{name}").status_code == 200
+        r = client.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    assert job_row(sessionmaker, job_id).fine_tuned_model is None  # no final model: the job did not finish
+
+
 def test_pause_then_resume_continues_from_the_checkpoint(client, ctx, sessionmaker, create_job):
     job_id = create_job(hyperparameters={"n_epochs": 5, "batch_size": 1})  # 100 steps
     thread, outcome = run_in_thread(ctx, job_id)
