@@ -21,6 +21,7 @@ from app.jobs import transitions
 from app.jobs.checkpoints import latest_checkpoint
 from app.jobs.events import add_event
 from app.jobs.spec import resolve_spec
+from app.jobs.status import TERMINAL
 from app.jobs.storage_keys import checkpoint_key, file_key
 from app.ml.adapter_files import lora_shape, read_adapter_config
 from app.ml.device import peak_memory_bytes, release_memory, start_memory_accounting
@@ -146,6 +147,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     claim = claim_job(ctx.sessionmaker, job_id, ctx.settings)
     if claim is None:
         return "skipped"
+    sweep_work_dirs(ctx)  # after the claim, so this job's earlier (killed) attempts count as stale too
     work_dir = ctx.settings.data_dir / "work" / job_id / f"attempt-{claim.attempt}"
     try:
         with Heartbeat(ctx, claim) as heartbeat:
@@ -158,6 +160,37 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         shutil.rmtree(work_dir, ignore_errors=True)
         # A worker lives for many jobs: what this one held on the GPU goes back before the next one starts.
         release_memory()
+
+
+def sweep_work_dirs(ctx: WorkerContext) -> int:
+    """Remove the local work directories that no live attempt can need: those of finished (or unknown) jobs,
+    and of a job's attempts before its current one. An attempt removes its own directory when it ends; these
+    are what killed attempts left. Returns how many were removed."""
+    root = ctx.settings.data_dir / "work"
+    if not root.is_dir():
+        return 0
+    job_dirs = {path.name: path for path in root.iterdir() if path.is_dir()}
+    if not job_dirs:
+        return 0
+    with ctx.sessionmaker() as session:
+        rows = session.execute(
+            select(Job.id, Job.attempt).where(
+                Job.id.in_(list(job_dirs)), Job.status.not_in([status.value for status in TERMINAL])
+            )
+        )
+        live = {job_id: attempt for job_id, attempt in rows}
+    removed = 0
+    for job_id, path in job_dirs.items():
+        stale = [path] if job_id not in live else [p for p in path.iterdir() if _attempt(p) < live[job_id]]
+        for directory in stale:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _attempt(path: Path) -> int:
+    number = path.name.removeprefix("attempt-")
+    return int(number) if number.isdigit() else -1
 
 
 def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_dir: Path) -> str:

@@ -234,6 +234,22 @@ def test_a_cancelled_jobs_checkpoints_are_models_that_answer(client, ctx, sessio
     assert job_row(sessionmaker, job_id).fine_tuned_model is None  # no final model: the job did not finish
 
 
+def test_work_directories_killed_attempts_left_are_removed(client, ctx, sessionmaker, create_job):
+    """A killed attempt cannot clean up after itself; the next job a worker runs removes what such attempts
+    left: finished or unknown jobs' directories and a job's attempts before its current one."""
+    finished, killed = create_job(), create_job()
+    assert run_job(ctx, finished) == "succeeded"
+    with sessionmaker() as session:  # as if a worker had claimed it (attempt 1) and been killed mid-run
+        session.execute(update(Job).where(Job.id == killed).values(attempt=1))
+        session.commit()
+    work = ctx.settings.data_dir / "work"
+    left = [work / finished / "attempt-1", work / "ftjob-gone" / "attempt-3", work / killed / "attempt-1"]
+    for path in left:
+        (path / "checkpoint").mkdir(parents=True)
+    assert run_job(ctx, killed) == "succeeded"  # claimed as attempt 2
+    assert not any(path.exists() for path in left)
+
+
 def test_pause_then_resume_continues_from_the_checkpoint(client, ctx, sessionmaker, create_job):
     job_id = create_job(hyperparameters={"n_epochs": 5, "batch_size": 1})  # 100 steps
     thread, outcome = run_in_thread(ctx, job_id)
