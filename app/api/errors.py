@@ -6,15 +6,18 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.api.request_id import current_request_id
 from app.errors import InvalidRequest, NotFound, ServiceUnavailable, TuneserveError
 
 log = logging.getLogger("tuneserve.api")
+# What proxies log for a request its client abandoned; never seen by that client.
+CLIENT_CLOSED_REQUEST = 499
 
 # Where a request field came from is not part of its name as a client knows it.
 _LOCATIONS = {"body", "query", "path", "header", "cookie"}
@@ -67,6 +70,13 @@ def install_error_handlers(app: FastAPI) -> None:
             error.status = exc.status_code
             error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(error)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, _exc: ClientDisconnect) -> Response:
+        # Not a server error: the client went away mid-body (an upload it abandoned). Whatever the request had
+        # started is already undone; nobody is left to read an answer.
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(PoolTimeout)
     async def _pool_exhausted(_request: Request, _exc: PoolTimeout) -> JSONResponse:

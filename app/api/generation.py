@@ -12,14 +12,13 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from app.api.errors import CLIENT_CLOSED_REQUEST
 from app.errors import TuneserveError
 from app.inference import Finished, GenerationHandle, TextDelta
 from app.schemas.errors import ErrorBody, ErrorResponse
 from app.services.completion_responses import Answer
 
 DISCONNECT_POLL_SECONDS = 0.1
-# A client that leaves before the answer is ready gets nothing; 499 is what proxies log for that.
-CLIENT_CLOSED = 499
 
 
 class Responses(Protocol):
@@ -41,7 +40,7 @@ async def respond(request: Request, handles: list[GenerationHandle], responses: 
         )
     answers = await gather_answers(request, handles)
     if answers is None:
-        return Response(status_code=CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # the client left before the answer was ready
     return responses.whole(answers)
 
 
