@@ -15,7 +15,7 @@ from app.ml.device import pick_device
 from app.ml.registry import BaseModelInfo
 
 if TYPE_CHECKING:
-    from transformers import DynamicCache
+    from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
@@ -41,10 +41,14 @@ class BaseModelRuntime:
             ) from None
         self.model = model.eval()
         self.model.config.use_cache = True
+        check_attention_layers(self.model.config, info.name)
         self.lora = LoraSlots(self.model)
         parameters = inspect.signature(self.model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        self.stop_ids = sorted(end_of_turn_ids(self.tokenizer))
+        self.stop_ids = stop_token_ids(self.model, self.tokenizer)
+        # Padded positions are masked out, so any id pads; the tokenizer's pad token where it has one (Llama 3 and
+        # Mistral have none).
+        self.pad_id = int(self.tokenizer.pad_token_id) if self.tokenizer.pad_token_id is not None else 0
         self.stop_ids_tensor = torch.tensor(self.stop_ids, dtype=torch.long, device=self.device)
         self.context_length = int(
             info.context_length or getattr(self.model.config, "max_position_embeddings", None) or 2048
@@ -62,6 +66,45 @@ class BaseModelRuntime:
         return logits[:, -1, :].float()
 
     def new_cache(self) -> DynamicCache:
+        """An empty cache whose every layer keeps all keys and values, sliding-window layers included: the window is
+        applied by the attention mask transformers builds for those layers. A cache built from the config would
+        keep only the window's last tokens in sliding layers, and `KVBatch` joins and trims rows assuming every
+        layer holds the same columns as its mask."""
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.model.config)
+        return DynamicCache()
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that end a completion: the EOS ids of the model's generation config (an int or a list: Llama 3 lists
+    <|end_of_text|>, <|eom_id|> and <|eot_id|>, Phi-3 <|endoftext|>, <|assistant|> and <|end|>), the tokenizer's
+    EOS and the end-of-turn markers chat rendering knows (`end_of_turn_ids`). Ids outside the model's vocabulary
+    are never generated and are left out."""
+    ids = set(end_of_turn_ids(tokenizer))
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(i) for i in ([configured] if isinstance(configured, int) else configured))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return sorted(i for i in ids if 0 <= i < vocab)
+
+
+# Attention layer kinds whose function the engine's cache and masks reproduce: causal over every earlier token, or
+# over the last `sliding_window` tokens (applied through the mask, see `BaseModelRuntime.new_cache`).
+SERVABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def check_attention_layers(config: PretrainedConfig, name: str) -> None:
+    """Refuse a model with attention layers of another kind (Llama 4's chunked attention, linear attention): the
+    engine's left-padded, joined and trimmed KV cache is only known to reproduce the two kinds above, and a model
+    it cannot serve faithfully is refused rather than served as a different function."""
+    text_config = config.get_text_config(decoder=True)
+    unsupported = set(getattr(text_config, "layer_types", None) or ()) - SERVABLE_LAYER_TYPES
+    if getattr(text_config, "attention_chunk_size", None) is not None:
+        unsupported.add("chunked_attention")
+    if unsupported:
+        raise ServiceUnavailable(
+            f"The base model '{name}' cannot be served: its attention layers of kind {', '.join(sorted(unsupported))} "
+            "are not supported by the inference engine",
+            param="model",
+            code="model_unavailable",
+        )

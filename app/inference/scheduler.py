@@ -189,7 +189,7 @@ class BatchScheduler:
         rows = [Sequence(pending, runtime.decode_tokenizer, runtime.stop_ids, runtime.device) for pending in live]
         prompts = [pending.request.prompt_ids for pending in live]
         width = max(len(p) for p in prompts)
-        pad = runtime.decode_tokenizer.pad_token_id or 0
+        pad = runtime.pad_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=runtime.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=runtime.device)
         # Each row counts positions from its first real token, exactly as it would alone.

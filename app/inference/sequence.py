@@ -52,7 +52,8 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.generator = make_generator(request.seed, device)
         self._stop_ids = set(stop_ids)
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        context = request.prompt_ids if request.continues_prompt else None
+        self._detokenizer = IncrementalDetokenizer(tokenizer, context=context)
         self._stop_filter = StopStringFilter(request.stop)
 
     @property

@@ -2,8 +2,13 @@
 
 Detokenization decodes a short window of recent ids and emits only text that can no longer change: a trailing
 replacement character means a multi-byte character is still incomplete (byte-level tokenizers split them), so it
-waits for the next token. Stop strings may span tokens: text that could be the start of a stop string is held back
-until it is known not to be one, so a client never receives part of a stop string.
+waits for the next token. The first window starts in the prompt's last tokens, so the completion is the text it
+appends to the prompt: SentencePiece-style decoders (Mistral, Phi-3) strip the leading space of the text they
+decode, and " Paris" after "The capital of France is" would otherwise come out as "Paris". A chat answer is
+decoded on its own instead (see `GenerationRequest.continues_prompt`).
+
+Stop strings may span tokens: text that could be the start of a stop string is held back until it is known not to
+be one, so a client never receives part of a stop string.
 """
 
 from __future__ import annotations
@@ -14,12 +19,22 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+# Prompt tokens the first window starts with: enough for a decoder's leading-space rule to apply to them instead
+# of to the completion, and for special tokens at the prompt's end (skipped when decoding) to leave some text.
+CONTEXT_TOKENS = 4
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Text of the ids added after `context` (the prompt's ids): what they append to the context's text. Without
+    a context, their text decoded on its own (`tokenizer.decode` of them all)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, context: list[int] | None = None) -> None:
         self._tokenizer = tokenizer
-        self._ids: list[int] = []
+        self._ids: list[int] = list(context or [])[-CONTEXT_TOKENS:]
+        if self._decode(self._ids).endswith("\ufffd"):  # a prompt ending inside a character: no context
+            self._ids = []
         self._prefix = 0  # window start: ids before it are already text
-        self._read = 0  # ids up to here are already text
+        self._read = len(self._ids)  # ids up to here are already text
 
     def _decode(self, ids: list[int]) -> str:
         # One sequence of ids decodes to one string (the declared return type also covers a batch).

@@ -29,6 +29,11 @@ class GenerationRequest:
     `temperature` 0 means greedy. `seed` makes sampling reproducible (a per-request generator). `stop` strings
     end the text before the first occurrence. `min_tokens` refuses end-of-turn before that many tokens; the
     benchmark uses it to force fixed-length outputs.
+
+    `continues_prompt`: the completion's text is what it appends to the prompt's text (a plain completion: " Paris"
+    after "The capital of France is"). False: its text as decoded on its own, as a chat answer reads after the
+    template's turn opening: SentencePiece-style decoders (Mistral) then drop the one space that templates such as
+    Mistral's write between the opening and the answer (`" " + content|trim`).
     """
 
     base_model: str
@@ -40,6 +45,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     min_tokens: int = 0
+    continues_prompt: bool = True
 
 
 @dataclass

@@ -18,6 +18,7 @@ from app.inference import AdapterRef, Finished, GenerationRequest, InferenceEngi
 from app.ml.registry import BaseModelRegistry  # noqa: E402
 from app.ml.tiny import build_tiny_model  # noqa: E402
 from tests.inference.adapters import build_random_adapter  # noqa: E402
+from tests.inference.families import FamilyCase, build_family_case  # noqa: E402
 
 TINY = "tuneserve-tiny"
 EOS_MODEL = "always-eos"
@@ -75,10 +76,11 @@ def adapters(registry, models_dir) -> list[AdapterRef]:
 
 @pytest.fixture
 def make_engine(registry):
-    """Factory of started engines, all stopped at the end of the test."""
+    """Factory of started engines (on the session's registry unless given another), all stopped at the end of the
+    test."""
     engines = []
 
-    def make(**options) -> InferenceEngine:
+    def make(registry: BaseModelRegistry = registry, **options) -> InferenceEngine:
         engine = InferenceEngine(registry, **options)
         engine.start()
         engines.append(engine)
@@ -92,6 +94,19 @@ def make_engine(registry):
 @pytest.fixture
 def engine(make_engine) -> InferenceEngine:
     return make_engine(max_batch_size=16)
+
+
+@pytest.fixture(scope="session")
+def family_cases(registry, tmp_path_factory):
+    """`family_cases(family)`: the family's `FamilyCase` (tests/inference/families.py), built on first use."""
+    cases: dict[str, FamilyCase] = {}
+
+    def get(family: str) -> FamilyCase:
+        if family not in cases:
+            cases[family] = build_family_case(registry, family, tmp_path_factory.mktemp(f"family-{family}"))
+        return cases[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

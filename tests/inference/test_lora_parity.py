@@ -141,7 +141,7 @@ def engine_logits(runtime, slots: list[int], prompts: list[list[int]], next_toke
     """The engine's forward on a left-padded batch (as the scheduler builds it): prefill logits [rows, width, vocab]
     and the logits [rows, vocab] of one decode step feeding `next_tokens` through the prefill's KV cache."""
     width = max(len(p) for p in prompts)
-    pad = runtime.tokenizer.pad_token_id or 0
+    pad = runtime.pad_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     positions = (mask.cumsum(1) - 1).clamp(min=0)
