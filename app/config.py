@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1)  # sequences decoded together
     max_resident_adapters: int = Field(default=64, ge=1)
     max_lora_rank: int = Field(default=64, ge=1)  # the largest adapter rank served; job creation refuses more
+    # Per project and API process, on the inference endpoints; unset means unlimited (app/services/rate_limits.py).
+    rate_limit_requests_per_minute: int | None = Field(default=None, ge=1)
+    rate_limit_tokens_per_minute: int | None = Field(default=None, ge=1)
     max_adapter_cache_bytes: int = Field(default=2 * 1024**3, gt=0)
 
     # Jobs. The database decides who owns a job: a worker holds a lease it renews every heartbeat.

@@ -18,6 +18,10 @@ class TuneserveError(Exception):
     def envelope(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def headers(self) -> dict[str, str]:
+        """Response headers this error carries (Retry-After, rate-limit state)."""
+        return {}
+
 
 class InvalidRequest(TuneserveError):
     status = 400
@@ -53,3 +57,21 @@ class ServiceUnavailable(TuneserveError):
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int = 1):
         super().__init__(message, param=param, code=code)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class RateLimited(TuneserveError):
+    """A project's request or token rate is used up: 429 with Retry-After and OpenAI's x-ratelimit-* headers."""
+
+    status = 429
+
+    def __init__(self, message: str, *, kind: str, retry_after: float, rate_headers: dict[str, str]):
+        super().__init__(message, code="rate_limit_exceeded")
+        self.type = kind  # "requests" or "tokens", as OpenAI's 429s say which limit was hit
+        self.retry_after = retry_after
+        self.rate_headers = rate_headers
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after))), **self.rate_headers}

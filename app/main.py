@@ -21,6 +21,7 @@ from app.inference import InferenceEngine
 from app.jobs.broker import JobDispatcher
 from app.jobs.reconcile import reconcile
 from app.ml.registry import BaseModelRegistry
+from app.services.rate_limits import RateLimiter
 from app.storage import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("removed %d temporary file(s) left by interrupted uploads", removed)
         app.state.registry = BaseModelRegistry(settings)
         app.state.dispatcher = JobDispatcher(settings)
+        app.state.rate_limiter = RateLimiter(
+            settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute
+        )
         app.state.inference = None
         if settings.inference == "on":
             app.state.inference = InferenceEngine(

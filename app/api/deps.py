@@ -99,8 +99,9 @@ def serving(
     storage: StorageDep,
     settings: SettingsDep,
     engine: EngineDep,
+    request: Request,
 ) -> Serving:
-    return Serving(session, project, registry, storage, engine, settings)
+    return Serving(session, project, registry, storage, engine, settings, request.app.state.rate_limiter)
 
 
 ServingDep = Annotated[Serving, Depends(serving)]

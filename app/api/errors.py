@@ -26,11 +26,9 @@ SCHEMA_ERROR_CODES = {"unsupported_parameter"}
 
 
 def error_response(error: TuneserveError) -> JSONResponse:
-    headers = {}
+    headers = error.headers()
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if isinstance(error, ServiceUnavailable):
-        headers["Retry-After"] = str(error.retry_after)
     return JSONResponse(error.envelope(), status_code=error.status, headers=headers or None)
 
 

@@ -32,11 +32,16 @@ class Responses(Protocol):
     def whole(self, answers: list[Answer]) -> BaseModel: ...
 
 
-async def respond(request: Request, handles: list[GenerationHandle], responses: Responses) -> BaseModel | Response:
-    """The answer to a submitted request: an SSE stream, or the whole response once every choice is done."""
+async def respond(
+    request: Request, handles: list[GenerationHandle], responses: Responses, headers: dict[str, str]
+) -> BaseModel | Response:
+    """The answer to a submitted request: an SSE stream (carrying `headers`), or the whole response once every
+    choice is done (the route sets `headers` on it)."""
     if responses.stream:
         return StreamingResponse(
-            stream_chunks(handles, responses), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            stream_chunks(handles, responses),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", **headers},
         )
     answers = await gather_answers(request, handles)
     if answers is None:

@@ -3,7 +3,7 @@ caller's project, render the prompt exactly as training did, and check the limit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
@@ -17,6 +17,7 @@ from app.ml.registry import BaseModelRegistry
 from app.schemas.completions import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingParams
 from app.services import models
 from app.services.keys import CurrentProject
+from app.services.rate_limits import RateLimiter
 from app.storage import LocalStorage
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class Prepared:
     requests: list[GenerationRequest]
     prompt_tokens: int
     prompt_texts: list[str]  # for `echo`
+    rate_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
 
 
 def _refuse_unsupported(params: SamplingParams, **unsupported: object) -> None:
@@ -83,6 +85,8 @@ def _expand(
     prompts: list[list[int]],
     max_tokens: int,
     stop: list[str],
+    *,
+    chat: bool,
 ) -> list[GenerationRequest]:
     # With n > 1 and a seed, each choice gets its own seed so the n answers differ but stay reproducible.
     return [
@@ -95,6 +99,9 @@ def _expand(
             top_p=params.top_p,
             stop=stop,
             seed=None if params.seed is None else params.seed + j,
+            # A completion's text continues the prompt's (" Paris" after "The capital is"); a chat answer is a
+            # message of its own, whatever space the template wrote before it.
+            continues_prompt=not chat,
         )
         for ids in prompts
         for j in range(params.n)
@@ -124,6 +131,7 @@ class Serving:
     storage: LocalStorage
     engine: InferenceEngine
     settings: Settings
+    limiter: RateLimiter
 
     def _model(self, params: SamplingParams) -> tuple[str, AdapterRef | None, PreTrainedTokenizerBase, int]:
         """(base model, adapter, tokenizer, context length) for the requested model, if this project may use it."""
@@ -148,7 +156,11 @@ class Serving:
         base, adapter, tokenizer, context = self._model(request)
         prompts = [render_completion_prompt(text, tokenizer) for text in texts]
         max_tokens = _max_tokens(request.max_tokens, "max_tokens", max(map(len, prompts)), context, self.settings)
-        return Prepared(_expand(request, base, adapter, prompts, max_tokens, stop), sum(map(len, prompts)), texts)
+        return self._admitted(
+            Prepared(
+                _expand(request, base, adapter, prompts, max_tokens, stop, chat=False), sum(map(len, prompts)), texts
+            )
+        )
 
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         response_format = (request.response_format or {}).get("type", "text")
@@ -172,7 +184,15 @@ class Serving:
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         max_tokens = _max_tokens(requested, param, len(ids), context, self.settings)
-        return Prepared(_expand(request, base, adapter, [ids], max_tokens, stop), len(ids), [])
+        return self._admitted(
+            Prepared(_expand(request, base, adapter, [ids], max_tokens, stop, chat=True), len(ids), [])
+        )
+
+    def _admitted(self, prepared: Prepared) -> Prepared:
+        """Charge the project's rate limits for the request (prompt tokens and every sequence's max_tokens)."""
+        budget = prepared.prompt_tokens + sum(r.max_tokens for r in prepared.requests)
+        prepared.rate_headers = self.limiter.admit(self.project.id, budget)
+        return prepared
 
     def submit(self, prepared: Prepared) -> list[GenerationHandle]:
         return [self.engine.submit(r) for r in prepared.requests]

@@ -17,14 +17,20 @@ router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES)
 
 
 @router.post("/completions", response_model=Completion)
-async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep) -> BaseModel | Response:
+async def create_completion(
+    body: CompletionRequest, request: Request, response: Response, serving: ServingDep
+) -> BaseModel | Response:
     prepared = await run_in_threadpool(serving.prepare_completion, body)  # tokenizing can load the base model
-    return await respond(request, serving.submit(prepared), CompletionResponses(body, prepared))
+    response.headers.update(prepared.rate_headers)
+    return await respond(request, serving.submit(prepared), CompletionResponses(body, prepared), prepared.rate_headers)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, serving: ServingDep
+    body: ChatCompletionRequest, request: Request, response: Response, serving: ServingDep
 ) -> BaseModel | Response:
     prepared = await run_in_threadpool(serving.prepare_chat, body)
-    return await respond(request, serving.submit(prepared), ChatCompletionResponses(body, prepared))
+    response.headers.update(prepared.rate_headers)
+    return await respond(
+        request, serving.submit(prepared), ChatCompletionResponses(body, prepared), prepared.rate_headers
+    )
