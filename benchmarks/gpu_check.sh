@@ -22,7 +22,7 @@ cd "$ROOT"
 SERVICE_DISTS="fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv typing-inspection
 annotated-types annotated-doc python-multipart sqlalchemy alembic mako celery kombu billiard vine amqp click
 click-didyoumean click-repl click-plugins prompt-toolkit wcwidth orjson typing-extensions anyio sniffio h11 httpx
-httpcore idna certifi python-dateutil six"
+httpcore idna certifi python-dateutil six opentelemetry-api tzlocal"
 
 download_wheels() {
     local dir="$1" py="${PYTHON:-$ROOT/.venv/bin/python}" target="${GPU_CHECK_PYTHON_VERSION:-3.12}"
