@@ -232,14 +232,37 @@ class BatchScheduler:
             index = torch.tensor(suppress, device=logits.device)
             logits[index.unsqueeze(1), self._runtime.stop_ids_tensor.unsqueeze(0)] = float("-inf")
         greedy = torch.argmax(logits, dim=-1).tolist()
-        self._metrics.add("generated_tokens_total", len(rows))
+        # A row whose logits are not numbers (NaN, +inf) or whose sampling raises fails alone; the rest of the
+        # batch goes on. (-inf is fine: suppressed stop ids.)
+        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
+        failed: list[Sequence] = []
         for i, row in enumerate(rows):
             request = row.request
-            if request.temperature <= 0:
-                token = greedy[i]
-            else:
-                token = sample_token(logits[i], request.temperature, request.top_p, row.generator)
+            try:
+                if broken[i]:
+                    raise FloatingPointError("the model produced non-finite logits for this sequence")
+                if request.temperature <= 0:
+                    token = greedy[i]
+                else:
+                    token = sample_token(logits[i], request.temperature, request.top_p, row.generator)
+            except Exception:
+                log.exception("sampling failed for one sequence; failing it alone")
+                failed.append(row)
+                continue
             row.accept(token)
+        self._metrics.add("generated_tokens_total", len(rows) - len(failed))
+        if failed:
+            self._fail_running(failed)
+
+    def _fail_running(self, failed: list[Sequence]) -> None:
+        """Take `failed` rows out of the running batch and fail their requests; the other rows continue."""
+        gone = {id(row) for row in failed}
+        keep = [i for i, row in enumerate(self._rows) if id(row) not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        self._kv.keep(keep)
+        self._metrics.add("running_requests", -len(failed))
+        for row in failed:
+            self._fail(row.pending, ServiceUnavailable("Generation failed on the server", code="generation_failed"))
 
     def _drop_cancelled(self) -> None:
         cancelled = [i for i, row in enumerate(self._rows) if row.handle.cancelled]

@@ -71,3 +71,36 @@ def test_stop_filter_holds_back_a_possible_stop_and_releases_it():
     spanning = StopStringFilter(["END"])
     assert spanning.feed("aE") + spanning.feed("N") + spanning.feed("Dtail") == "a"
     assert spanning.stopped and spanning.finish() == ""
+
+
+def test_a_sequence_that_goes_non_finite_fails_alone(engine, tokenizer, adapters, models_dir):
+    """A corrupt adapter (NaN in a LoRA factor) makes its row's logits NaN: that request fails with
+    generation_failed, and the requests it shared the batch with finish exactly as they would alone (a NaN used
+    to fail the whole running batch, other projects' streams included)."""
+    import asyncio
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from app.errors import ServiceUnavailable
+    from app.inference import AdapterRef
+    from tests.inference.conftest import TINY, collect, run_one_by_one
+
+    corrupt_dir = models_dir / "adapter-nan"
+    if not corrupt_dir.exists():
+        shutil.copytree(adapters[0].path, corrupt_dir)
+        weights = load_file(corrupt_dir / "adapter_model.safetensors")
+        key = next(k for k in sorted(weights) if k.endswith("lora_B.weight"))
+        weights[key][0, 0] = float("nan")
+        save_file(weights, corrupt_dir / "adapter_model.safetensors")
+    corrupt = AdapterRef(name=f"ft:{TINY}:test::nan", path=corrupt_dir)
+    healthy = [request(tokenizer, "the base model", max_tokens=20), request(tokenizer, "an adapter", adapters[1])]
+    alone = run_one_by_one(engine, healthy)
+
+    async def together():
+        handles = [engine.submit(r) for r in [healthy[0], request(tokenizer, "corrupt", corrupt), healthy[1]]]
+        return await asyncio.gather(*(collect(h) for h in handles), return_exceptions=True)
+
+    first, broken, last = asyncio.run(together())
+    assert isinstance(broken, ServiceUnavailable) and broken.code == "generation_failed"
+    assert [first, last] == alone
