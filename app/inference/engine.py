@@ -53,6 +53,7 @@ class InferenceEngine:
         scheduling: str = "continuous",
         max_prefill_tokens: int = 16384,
         join_wait_steps: int = 2,
+        max_waiting_per_owner: int = 256,
         loader_threads: int = 2,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -65,6 +66,7 @@ class InferenceEngine:
         self._scheduling = scheduling
         self._max_prefill_tokens = max_prefill_tokens
         self._join_wait_steps = join_wait_steps
+        self._max_waiting_per_owner = max_waiting_per_owner
         self._device, self._dtype = device, dtype
         self._metrics = EngineMetrics()
         self._cache = AdapterCache(self._metrics, max_adapters=max_adapters, max_bytes=max_adapter_bytes)
@@ -120,6 +122,7 @@ class InferenceEngine:
                 policy=self._scheduling,
                 max_prefill_tokens=self._max_prefill_tokens,
                 join_wait_steps=self._join_wait_steps,
+                max_waiting_per_owner=self._max_waiting_per_owner,
             )
             with self._lock:
                 self._schedulers[base_model] = scheduler

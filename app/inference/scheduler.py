@@ -7,6 +7,10 @@ Policies (how waiting requests enter the batch):
 - "static": a batch is admitted only when the previous one has fully finished (batching per `generate` call).
 - "per_adapter": static batches of one adapter at a time (the classic PEFT server that switches adapters between
   batches); kept to measure the others against.
+
+Fairness: waiting requests are admitted round-robin across their owners (projects), first come first served
+within an owner, so another project's request waits for one free row rather than behind a whole burst; and an
+owner may have at most `max_waiting_per_owner` sequences waiting (more are refused with 429).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from app.errors import ServiceUnavailable
+from app.errors import RateLimited, ServiceUnavailable
 from app.inference.adapter_cache import AdapterCache
 from app.inference.kv_batch import KVBatch
 from app.inference.metrics import EngineMetrics
@@ -44,6 +48,7 @@ class BatchScheduler:
         policy: str = "continuous",
         max_prefill_tokens: int = 16384,
         join_wait_steps: int = 2,
+        max_waiting_per_owner: int = 256,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; one of {POLICIES}")
@@ -54,6 +59,7 @@ class BatchScheduler:
         self._policy = policy
         self._max_prefill_tokens = max_prefill_tokens
         self._join_wait_steps = join_wait_steps
+        self._max_waiting_per_owner = max_waiting_per_owner
         self._steps = 0  # decode steps so far: the clock of join_wait_steps
         self._cond = threading.Condition()
         self._waiting: deque[PendingRequest] = deque()
@@ -86,6 +92,19 @@ class BatchScheduler:
         with self._cond:
             if self._stopping:
                 self._fail(pending, ServiceUnavailable("The inference engine is shutting down", code="engine_stopped"))
+                return
+            owner = pending.request.owner
+            if sum(p.request.owner == owner for p in self._waiting) >= self._max_waiting_per_owner:
+                self._fail(
+                    pending,
+                    RateLimited(
+                        f"This project already has {self._max_waiting_per_owner} sequences waiting for the engine; "
+                        "retry when some have started.",
+                        kind="requests",
+                        retry_after=1,
+                        rate_headers={},
+                    ),
+                )
                 return
             pending.enqueued_at_step = self._steps
             self._waiting.append(pending)
@@ -131,7 +150,7 @@ class BatchScheduler:
             # Joining costs a prefill forward; requests that arrive a few at a time (clients answering each other's
             # completions) join together a step or two later instead of one prefill each.
             return []
-        candidates = list(self._waiting)
+        candidates = _round_robin(list(self._waiting))
         if self._policy == "per_adapter" and candidates:
             candidates = [p for p in candidates if p.slot == candidates[0].slot]
         chosen: list[PendingRequest] = []
@@ -292,3 +311,18 @@ class BatchScheduler:
         if pending.entry is not None:
             self._cache.release(pending.entry)
         pending.handle.push(error)
+
+
+def _round_robin(waiting: list[PendingRequest]) -> list[PendingRequest]:
+    """Waiting requests in admission order: each owner's first, in the order the owners' oldest requests arrived,
+    then each owner's second, and so on. A newcomer's request is in the first round however many another owner
+    has queued, so it waits for one free row, not for that owner's whole burst; within an owner, first come first
+    served."""
+    by_owner: dict[str, list[PendingRequest]] = {}
+    for pending in waiting:
+        by_owner.setdefault(pending.request.owner, []).append(pending)
+    queues = list(by_owner.values())
+    order: list[PendingRequest] = []
+    for depth in range(max(len(q) for q in queues)):
+        order += [queue[depth] for queue in queues if depth < len(queue)]
+    return order

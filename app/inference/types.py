@@ -34,6 +34,8 @@ class GenerationRequest:
     after "The capital of France is"). False: its text as decoded on its own, as a chat answer reads after the
     template's turn opening: SentencePiece-style decoders (Mistral) then drop the one space that templates such as
     Mistral's write between the opening and the answer (`" " + content|trim`).
+
+    `owner`: who asked (the API passes the project); see the scheduler's fair admission.
     """
 
     base_model: str
@@ -46,6 +48,9 @@ class GenerationRequest:
     seed: int | None = None
     min_tokens: int = 0
     continues_prompt: bool = True
+    # Who asked (the project): admission shares the engine between owners round-robin, and caps what one owner
+    # may have waiting, so one owner's burst cannot starve the others.
+    owner: str = ""
 
 
 @dataclass

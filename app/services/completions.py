@@ -87,6 +87,7 @@ def _expand(
     stop: list[str],
     *,
     chat: bool,
+    owner: str,
 ) -> list[GenerationRequest]:
     # With n > 1 and a seed, each choice gets its own seed so the n answers differ but stay reproducible.
     return [
@@ -102,6 +103,7 @@ def _expand(
             # A completion's text continues the prompt's (" Paris" after "The capital is"); a chat answer is a
             # message of its own, whatever space the template wrote before it.
             continues_prompt=not chat,
+            owner=owner,
         )
         for ids in prompts
         for j in range(params.n)
@@ -158,7 +160,9 @@ class Serving:
         max_tokens = _max_tokens(request.max_tokens, "max_tokens", max(map(len, prompts)), context, self.settings)
         return self._admitted(
             Prepared(
-                _expand(request, base, adapter, prompts, max_tokens, stop, chat=False), sum(map(len, prompts)), texts
+                _expand(request, base, adapter, prompts, max_tokens, stop, chat=False, owner=self.project.id),
+                sum(map(len, prompts)),
+                texts,
             )
         )
 
@@ -185,7 +189,9 @@ class Serving:
         requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         max_tokens = _max_tokens(requested, param, len(ids), context, self.settings)
         return self._admitted(
-            Prepared(_expand(request, base, adapter, [ids], max_tokens, stop, chat=True), len(ids), [])
+            Prepared(
+                _expand(request, base, adapter, [ids], max_tokens, stop, chat=True, owner=self.project.id), len(ids), []
+            )
         )
 
     def _admitted(self, prepared: Prepared) -> Prepared:

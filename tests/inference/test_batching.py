@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from app.inference import TextDelta
 from tests.inference.conftest import collect, request, run_one_by_one, run_together
 
 PROMPTS = ["hello", "the quick brown fox jumps", "a", "LoRA adapters, many of them, in one batch!", "xyz " * 9]
@@ -136,3 +137,51 @@ def test_stop_ends_running_and_waiting_requests_with_an_error(registry, tokenize
     assert engine.metrics()["requests_failed_total"] == 2
     with pytest.raises(ServiceUnavailable):
         engine.submit(request(tokenizer, "late"))
+
+
+def test_another_projects_request_waits_for_one_free_row_not_a_whole_burst(make_engine, tokenizer):
+    """Project a queues eight 100-token sequences on an engine of two rows; project b then asks for 2 tokens. b is
+    admitted at the first free row (after a's first pair), so it finishes before any of a's later six; first come
+    first served would have put it behind all eight (about 400 decode steps instead of about 100)."""
+    engine = make_engine(max_batch_size=2, join_wait_steps=0)
+
+    async def main() -> list[str]:
+        finished: list[str] = []
+        decoding = asyncio.Event()
+
+        async def run(name: str, handle) -> None:
+            async for event in handle:
+                if isinstance(event, TextDelta):
+                    decoding.set()
+            finished.append(name)
+
+        burst = [
+            engine.submit(request(tokenizer, f"burst {i}", max_tokens=100, min_tokens=100, owner="a")) for i in range(8)
+        ]
+        tasks = [asyncio.ensure_future(run(f"a{i}", h)) for i, h in enumerate(burst)]
+        await decoding.wait()  # a's first pair is decoding (100 steps to go), six of a's wait
+        newcomer = engine.submit(request(tokenizer, "short", max_tokens=2, min_tokens=2, owner="b"))
+        tasks.append(asyncio.ensure_future(run("b", newcomer)))
+        await asyncio.gather(*tasks)
+        return finished
+
+    finished = asyncio.run(main())
+    assert finished.index("b") <= 2, finished
+
+
+def test_one_owner_may_have_only_so_many_sequences_waiting(make_engine, tokenizer):
+    from app.errors import RateLimited
+
+    engine = make_engine(max_batch_size=1, join_wait_steps=0, max_waiting_per_owner=3)
+
+    async def main():
+        handles = [
+            engine.submit(request(tokenizer, f"p{i}", max_tokens=30, min_tokens=30, owner="a")) for i in range(6)
+        ]
+        other = engine.submit(request(tokenizer, "other", max_tokens=2, owner="b"))
+        return await asyncio.gather(*(collect(h) for h in [*handles, other]), return_exceptions=True)
+
+    results = asyncio.run(main())
+    refused = [r for r in results[:6] if isinstance(r, RateLimited)]
+    assert 2 <= len(refused) <= 3  # three waiting, and one more if it was already running
+    assert not isinstance(results[6], Exception)  # b's own allowance is untouched
