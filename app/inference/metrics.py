@@ -40,6 +40,10 @@ class EngineMetrics:
             # Device memory of the LoRA slot tables: padded to the largest rank seen and to a doubling slot count,
             # and never shrunk, so it can exceed the resident adapters' bytes by far.
             "lora_table_bytes": 0,
+            # Decode steps a request waited between arriving and entering the batch: what fair admission bounds.
+            "admission_wait_steps_sum": 0,
+            "admission_wait_steps_count": 0,
+            "admission_wait_steps_max": 0,
         }
         for bound in BATCH_SIZE_BUCKETS:
             self._values[f"batch_size_bucket_le_{bound}"] = 0
@@ -52,6 +56,12 @@ class EngineMetrics:
     def set(self, name: str, value: float) -> None:
         with self._lock:
             self._values[name] = value
+
+    def observe_admission_wait(self, steps: int) -> None:
+        with self._lock:
+            self._values["admission_wait_steps_sum"] += steps
+            self._values["admission_wait_steps_count"] += 1
+            self._values["admission_wait_steps_max"] = max(self._values["admission_wait_steps_max"], steps)
 
     def observe_batch(self, size: int) -> None:
         with self._lock:

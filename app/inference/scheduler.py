@@ -163,6 +163,7 @@ class BatchScheduler:
             chosen.append(pending)
         for pending in chosen:
             self._waiting.remove(pending)
+            self._metrics.observe_admission_wait(self._steps - pending.enqueued_at_step)
         return chosen
 
     def _prefill(self, group: list[PendingRequest]) -> None:
