@@ -165,7 +165,7 @@ def _training_text(
         if not text.startswith(prompt):
             # The template renders the conversation before the last answer differently when the answer
             # follows: train the answer, as the template writes it, after the prompt inference will render.
-            start = _turn_start(messages[:last], tokenizer, tools, text, 0)
+            start = _turn_start(messages[:last], tokenizer, tools, text, 0, from_end=True)
             if start < 0:
                 start = _content_position(text, messages[last], 0, last, last=True)
             text = prompt + text[start:]
@@ -187,9 +187,12 @@ def _turn_start(
     tools: list[dict[str, Any]] | None,
     text: str,
     cursor: int,
+    *,
+    from_end: bool = False,
 ) -> int:
     """Where, at or after `cursor`, the assistant turn that follows `before` starts in `text`, or -1: judged by
-    the template's own rendering of `before`, with and without its generation prompt.
+    the template's own rendering of `before`, with and without its generation prompt. `from_end`: the last such
+    place (the last turn of a conversation whose earlier turns may repeat the same question).
 
     When `text` continues with the rendered prompt, the turn starts where the prompt ends. Otherwise the
     conversation before the turn ends where its rendering does (found by its last message's content and the
@@ -202,7 +205,7 @@ def _turn_start(
     if text.startswith(prompt) and len(prompt) >= cursor:
         return len(prompt)
     history = _render(before, tokenizer, tools, add_generation_prompt=False)
-    end = _history_end(history, before[-1], text, cursor)
+    end = _history_end(history, before[-1], text, cursor, from_end=from_end)
     if end < 0:
         return -1
     opening = prompt[len(history) :] if prompt.startswith(history) else ""
@@ -220,8 +223,8 @@ def _turn_start(
     return agreed
 
 
-def _history_end(history: str, previous: dict[str, Any], text: str, cursor: int) -> int:
-    """The end of `history`'s rendering inside `text` (at or after `cursor`), or -1."""
+def _history_end(history: str, previous: dict[str, Any], text: str, cursor: int, *, from_end: bool) -> int:
+    """The end of `history`'s rendering inside `text` (at or after `cursor`; the last one `from_end`), or -1."""
     if text.startswith(history) and len(history) >= cursor:
         return len(history)
     content = previous.get("content")
@@ -229,7 +232,7 @@ def _history_end(history: str, previous: dict[str, Any], text: str, cursor: int)
     if anchor_at < 0:
         return -1
     anchor = history[anchor_at:]
-    found = text.find(anchor, cursor)
+    found = text.rfind(anchor, cursor) if from_end else text.find(anchor, cursor)
     return found + len(anchor) if found >= 0 else -1
 
 
@@ -271,18 +274,29 @@ def check_chat_support(
 ) -> None:
     """Raise ChatTemplateError when the model's template refuses or silently drops part of this conversation:
     a role it raises on, a role it leaves out of the rendering (its messages would vanish from training), or
-    `tools` it ignores. Probes with marker contents, so what is checked is the conversation's shape."""
+    `tools` or tool calls it ignores. Probes with marker contents and tool names, so what is checked is the
+    conversation's shape (values a template checks itself, such as Mistral's 9-character call ids, are kept)."""
     probe = _template_messages(messages)
+    expected: list[tuple[str, str]] = []  # (marker, what it stands for)
     for n, message in enumerate(probe):
-        if isinstance(message.get("content"), str):
+        calls = message.get("tool_calls") or []
+        content = message.get("content")
+        # Empty text beside tool calls is no message content to lose.
+        if isinstance(content, str) and (content or not calls):
             message["content"] = _PROBE.format(n)
+            expected.append((message["content"], f"'{message.get('role')}' messages"))
+        for c, call in enumerate(calls):
+            if isinstance(call.get("function"), dict) and call["function"].get("name"):
+                marker = _PROBE.format(f"{n}call{c}")
+                call["function"] = {**call["function"], "name": marker}
+                expected.append((marker, "tool calls"))
     try:
         text, _ = _training_text(probe, tokenizer, tools)
     except TemplateRefusal as exc:
         raise TemplateRefusal(exc.reason, _refused_part(probe, tokenizer, tools)) from None
-    for n, message in enumerate(probe):
-        if isinstance(message.get("content"), str) and _PROBE.format(n) not in text:
-            raise ChatTemplateError(f"the model's chat template does not render '{message.get('role')}' messages")
+    for marker, what in expected:
+        if marker not in text:
+            raise ChatTemplateError(f"the model's chat template does not render {what}")
     if tools and text == _training_text(probe, tokenizer, None)[0]:
         raise ChatTemplateError("the model's chat template does not render 'tools'")
 

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+# Distinct conversation shapes rendered per file at job creation: rendering is quadratic in a conversation's
+# turns, so the check is bounded; what it does not reach, the worker still refuses by line.
+MAX_SHAPES_CHECKED = 32
+
+
 @lru_cache(maxsize=8)
 def _tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(name_or_path)
@@ -43,10 +48,12 @@ def check_conversations_fit(storage: LocalStorage, base: BaseModelInfo, files: l
         return  # a base model that cannot be loaded here fails the job with its own error in the worker
     for row, param in chat_files:
         seen: set[tuple] = set()
-        for line_number, example in _examples(storage, row):
+        for line_number, example in _examples(storage, row, param):
             shape = _shape(example)
             if shape in seen:
                 continue
+            if len(seen) >= MAX_SHAPES_CHECKED:
+                break  # bounded work per request; the worker checks every example and fails the job by line
             seen.add(shape)
             try:
                 check_chat_support(example["messages"], tokenizer, example.get("tools"))
@@ -82,15 +89,27 @@ def check_lora_fits(base: BaseModelInfo, target_modules: str | list[str], lora_r
 
 
 def _shape(example: dict[str, Any]) -> tuple:
+    """What a template's acceptance can depend on, short of every value: roles in order, whether text is there,
+    how many tool calls and the length of their ids (Mistral's template refuses ids not 9 characters long,
+    Llama 3's more than one call per message), and whether tools are given."""
     messages = tuple(
-        (m.get("role"), bool(m.get("tool_calls")), isinstance(m.get("content"), str)) for m in example["messages"]
+        (
+            m.get("role"),
+            isinstance(m.get("content"), str) and bool(m.get("content")),
+            tuple(len(str(call.get("id", ""))) for call in m.get("tool_calls") or [] if isinstance(call, dict)),
+            len(str(m.get("tool_call_id", ""))),
+        )
+        for m in example["messages"]
     )
     return messages, bool(example.get("tools"))
 
 
-def _examples(storage: LocalStorage, row: File) -> Iterator[tuple[int, dict[str, Any]]]:
+def _examples(storage: LocalStorage, row: File, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, example) of a validated JSONL file."""
-    with open(storage.local_path(file_key(row.id)), encoding="utf-8") as f:
+    path = storage.local_path(file_key(row.id))
+    if not path.is_file():  # deleted meanwhile (SQLite takes no row lock to stop that)
+        raise InvalidRequest(f"File {row.id} does not exist.", param=param, code="file_not_found")
+    with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 yield number, json.loads(line)

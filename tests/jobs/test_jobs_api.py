@@ -139,6 +139,23 @@ def test_a_conversation_the_base_models_template_refuses_is_a_400_naming_the_lin
     r = create(client, model="tiny-phi3", training_file=tools_file)
     error = r.json()["error"]
     assert r.status_code == 400 and "Line 11" in error["message"] and "'tool' messages" in error["message"]
+
+    # Mistral's template refuses tool call ids that are not 9 characters long: one call id of another length, after
+    # ten good ones, is found too (a check by roles alone would not).
+    def tool_example(call_id: str) -> dict:
+        call = {"id": call_id, "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+        return {
+            "messages": [
+                {"role": "user", "content": "Look it up"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call_id, "content": "found"},
+                {"role": "assistant", "content": "Found."},
+            ]
+        }
+
+    ids_file = upload(client, jsonl([*(tool_example("abcdefghi") for _ in range(10)), tool_example("call_abc123")]))
+    r = create(client, model="tiny-mistral", training_file=ids_file)
+    assert r.status_code == 400 and "Line 11" in r.json()["error"]["message"], r.text
     r = create(client, model="tiny-phi3", training_file=with_system, validation_file=tools_file)
     assert r.status_code == 400 and r.json()["error"]["param"] == "validation_file"
     assert create(client, model="tiny-qwen2", training_file=tools_file).status_code == 200

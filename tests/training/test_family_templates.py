@@ -202,6 +202,8 @@ def test_every_turn_of_a_multi_turn_conversation_follows_its_inference_prompt(to
         ("gemma2", [*QUESTION, ANSWER], None, "'system' messages"),
         ("gemma2", _tool_conversation()[1:], None, "'tool' messages"),
         ("phi3", _tool_conversation()[1:2] + _tool_conversation()[4:5], [WEATHER_TOOL], "'tools'"),
+        ("gemma2", [_tool_conversation()[1], {**_tool_conversation()[2], "content": ""}], None, "tool calls"),
+        ("phi3", [_tool_conversation()[1], {**_tool_conversation()[2], "content": ""}], None, "tool calls"),
         (
             "phi3",
             [
@@ -215,8 +217,15 @@ def test_every_turn_of_a_multi_turn_conversation_follows_its_inference_prompt(to
     ],
 )
 def test_a_role_the_template_refuses_or_drops_is_named(tokenizers, family, messages, tools, named):
+    """The conversation's shape is probed: what the template raises on, and what it leaves out of the text."""
     with pytest.raises(ChatTemplateError, match=named):
         check_chat_support(messages, tokenizers[family], tools)
+
+
+@pytest.mark.parametrize("family", TOOL_FAMILIES)
+def test_a_tool_call_with_empty_text_is_supported_where_the_template_renders_calls(tokenizers, family):
+    messages = [_tool_conversation()[1], {**_tool_conversation()[2], "content": ""}]
+    check_chat_support(messages, tokenizers[family], [WEATHER_TOOL])
 
 
 def test_generation_blocks_mark_the_supervised_spans_when_a_template_has_them(tokenizers):
@@ -261,3 +270,26 @@ def test_attention_that_would_drop_soft_capping_or_a_window_is_replaced(tmp_path
     assert attention_for(MistralConfig(sliding_window=4096), "tuneserve_segments") == "sdpa"
     assert attention_for(MistralConfig(sliding_window=None), "tuneserve_segments") == "tuneserve_segments"
     assert attention_for(LlamaConfig(), "sdpa") == "sdpa"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_answer_is_trained_once_when_questions_repeat(tokenizers, family):
+    """Repeated questions must not confuse where each answer is: Mistral's template moves the system prompt to
+    the last turn, and locating that turn by its question used to find the first asking, training the first
+    answer twice and the last never."""
+    system = [] if family == "gemma2" else [{"role": "system", "content": "Be brief."}]
+    messages = [
+        *system,
+        {"role": "user", "content": "Tell me a joke"},
+        {"role": "assistant", "content": "Joke one"},
+        {"role": "user", "content": "Tell me a joke"},
+        {"role": "assistant", "content": "Joke two"},
+        {"role": "user", "content": "Tell me a joke"},
+        {"role": "assistant", "content": "Joke three"},
+    ]
+    tokenizer = tokenizers[family]
+    ids, labels = render_chat_example(messages, tokenizer)
+    runs = [tokenizer.decode(run) for run in _supervised_runs(ids, labels)]
+    assert [next(a for a in ("one", "two", "three") if a in run) for run in runs] == ["one", "two", "three"], runs
+    prompt = render_chat_prompt(messages[:-1], tokenizer)
+    assert ids[: len(prompt)] == prompt
