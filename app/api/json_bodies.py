@@ -1,12 +1,12 @@
-"""JSON request bodies are bounded and sane before any route sees them.
+"""Request bodies are bounded, and JSON ones sane, before any route sees them.
 
-- Size: `Content-Length` above `max_json_body_bytes` is refused at once with 413, and a body sent without one
-  (chunked) is refused as soon as it grows past the limit, so no request makes the server hold more.
-- Shape: nesting deeper than `max_json_depth` (pydantic and the serializers recurse, and a thousand levels end
-  in RecursionError) and lone UTF-16 surrogates (JSON allows "\\ud800"; UTF-8 and so Postgres, orjson and every
-  response do not) are refused with 400 naming where they are, before anything is parsed into a model or stored.
-
-Multipart uploads are not JSON and keep their own streaming limit (app/api/uploads.py).
+- Size: every body but a multipart upload (which streams to storage under `max_upload_bytes`,
+  app/api/uploads.py): `Content-Length` above `max_json_body_bytes` is refused at once with 413, and a body sent
+  without one (chunked) as soon as it grows past the limit, so no request makes the server hold more.
+- Shape, for what FastAPI parses as JSON (`application/json` and any `*/*+json`): nesting deeper than
+  `max_json_depth` (pydantic and the serializers recurse, and a thousand levels end in RecursionError) and lone
+  UTF-16 surrogates (JSON allows "\\ud800"; UTF-8 and so Postgres, orjson and every response do not) are refused
+  with 400 naming where they are, before anything is parsed into a model or stored.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from app.errors import InvalidRequest, PayloadTooLarge, TuneserveError
 
 
 class JsonBodyGuard:
-    """ASGI middleware: reads a JSON body within the size limit, checks it, then hands it to the app unchanged."""
+    """ASGI middleware: reads a body within the size limit, checks it if JSON, then hands it on unchanged."""
 
     def __init__(self, app: ASGIApp, *, max_bytes: int, max_depth: int) -> None:
         self.app = app
@@ -30,7 +30,8 @@ class JsonBodyGuard:
         self.max_depth = max_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") or not _is_json(scope):
+        media_type = _media_type(scope)
+        if scope["type"] != "http" or media_type == b"multipart/form-data":  # uploads stream under their own cap
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
@@ -52,7 +53,9 @@ class JsonBodyGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        problem = _check(body, self.max_depth)
+        # FastAPI parses application/json and any */*+json as JSON; other bodies are only capped.
+        is_json = media_type == b"application/json" or media_type.endswith(b"+json")
+        problem = _check(body, self.max_depth) if is_json and body else None
         if problem is not None:
             await _refuse(send, problem)
             return
@@ -64,11 +67,11 @@ class JsonBodyGuard:
         )
 
 
-def _is_json(scope: Scope) -> bool:
+def _media_type(scope: Scope) -> bytes:
     for name, value in scope.get("headers", ()):
         if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
-    return False
+            return value.split(b";", 1)[0].strip().lower()
+    return b""
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -80,6 +80,20 @@ def test_a_body_over_the_limit_is_a_413_whether_declared_or_streamed(client):
     assert "content-length" not in r.request.headers
 
 
+@pytest.mark.parametrize("content_type", ["application/vnd.openai+json", "application/json; charset=utf-8"])
+def test_every_json_media_type_is_checked(client, training_file, content_type):
+    """FastAPI parses any */*+json as JSON, so the guard must check them all (one used to slip a surrogate past)."""
+    body = {"model": "tuneserve-tiny", "training_file": training_file, "metadata": {"team": "\ud800"}}
+    r = post_json(client, "/v1/fine_tuning/jobs", json.dumps(body), **{"content-type": content_type})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata.team"
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def test_a_body_of_any_other_type_is_capped_too(client):
+    r = client.post("/v1/chat/completions", content=b"x" * 70_000, headers={"content-type": "text/plain"})
+    assert r.status_code == 413
+
+
 def test_bodies_within_the_limits_reach_the_routes(client):
     r = post_json(client, "/v1/chat/completions", json.dumps({"model": "no-such-model", "messages": []}))
     assert r.status_code in (400, 404) and r.json()["error"]["code"] != "request_too_large"
