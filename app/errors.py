@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class TuneserveError(Exception):
     """Base of every error a client may see. `status` is the HTTP status the API answers with."""
@@ -74,4 +76,5 @@ class RateLimited(TuneserveError):
         self.rate_headers = rate_headers
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after))), **self.rate_headers}
+        # Whole seconds, rounded up: a client that waits exactly this long finds room.
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after))), **self.rate_headers}

@@ -38,10 +38,11 @@ class SupervisedProcess:
         self._spawn()
         self._watcher.start()
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self) -> None:
         with self._lock:
-            self._process = subprocess.Popen(self._argv)
-            return self._process
+            # Checked under the lock that `stop` takes: a restart racing a stop must not leave an orphan running.
+            if not self._stopping.is_set():
+                self._process = subprocess.Popen(self._argv)
 
     def _watch(self) -> None:
         backoff = 1.0
@@ -64,8 +65,8 @@ class SupervisedProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Terminate the child and stop restarting it; kill it if it has not exited within `timeout`."""
-        self._stopping.set()
         with self._lock:
+            self._stopping.set()
             process = self._process
         if process is None:
             return

@@ -22,7 +22,8 @@ SEED_LIMIT = 2**53 - 1
 
 
 class StreamOptions(BaseModel):
-    model_config = STRICT_REQUEST
+    # Strict, but open: OpenAI adds options here (include_obfuscation) that change nothing a client relies on.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
 

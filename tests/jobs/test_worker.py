@@ -237,17 +237,20 @@ def test_a_cancelled_jobs_checkpoints_are_models_that_answer(client, ctx, sessio
 def test_work_directories_killed_attempts_left_are_removed(client, ctx, sessionmaker, create_job):
     """A killed attempt cannot clean up after itself; the next job a worker runs removes what such attempts
     left: finished or unknown jobs' directories and a job's attempts before its current one."""
-    finished, killed = create_job(), create_job()
+    finished, killed, elsewhere = create_job(), create_job(), create_job()
     assert run_job(ctx, finished) == "succeeded"
-    with sessionmaker() as session:  # as if a worker had claimed it (attempt 1) and been killed mid-run
-        session.execute(update(Job).where(Job.id == killed).values(attempt=1))
+    with sessionmaker() as session:  # as if a worker had claimed each (attempt 1); `killed`'s was killed mid-run
+        session.execute(update(Job).where(Job.id.in_([killed, elsewhere])).values(attempt=1))
+        session.execute(update(Job).where(Job.id == elsewhere).values(status="running"))
         session.commit()
     work = ctx.settings.data_dir / "work"
     left = [work / finished / "attempt-1", work / "ftjob-gone" / "attempt-3", work / killed / "attempt-1"]
-    for path in left:
+    in_use = work / elsewhere / "attempt-1"  # another worker's current attempt, running now
+    for path in [*left, in_use]:
         (path / "checkpoint").mkdir(parents=True)
     assert run_job(ctx, killed) == "succeeded"  # claimed as attempt 2
     assert not any(path.exists() for path in left)
+    assert (in_use / "checkpoint").is_dir()
 
 
 def test_pause_then_resume_continues_from_the_checkpoint(client, ctx, sessionmaker, create_job):
