@@ -135,3 +135,26 @@ def test_assistant_tool_calls_and_tool_results_render_with_calls_supervised(toke
     assert all(t.endswith("<|im_end|>") for t in texts)
     prompt = render_chat_prompt(messages[:3], tokenizer)
     assert input_ids[: len(prompt)] == prompt and "rain" in tokenizer.decode(prompt)
+
+
+def test_the_inference_prompt_is_rendered_once_however_long_the_conversation(tokenizer):
+    """Rendering used to go message by message (a prefix render per turn: quadratic; 2,000 one-letter messages
+    took half a minute). The prompt is one template rendering and one tokenization, whatever the length."""
+    from app.ml.chat import render_chat_prompt
+
+    calls = []
+    original = tokenizer.apply_chat_template
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    tokenizer.apply_chat_template = counting
+    try:
+        for n in (2, 200):
+            calls.clear()
+            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(n)]
+            render_chat_prompt(messages, tokenizer)
+            assert len(calls) == 1
+    finally:
+        del tokenizer.apply_chat_template
