@@ -14,7 +14,11 @@ Also: the cold-load cost (first 1-token request on an adapter minus the same req
 overhead (a 1-token request on a resident adapter minus the same on the base model), medians in ms; and engine
 throughput with 1, 8 and 64 adapters.
 
-Usage: .venv/bin/python benchmarks/bench_serve.py
+`--family NAME` serves the built-in family model `tiny-NAME` instead (its architecture and tokenizer; adapters
+over all its linear layers). Its prompts are lengthened from their own words to as many tokens as tuneserve-tiny's
+byte-level tokenizer gives them (`--same-text` keeps the text as it is), so every model serves the same token counts.
+
+Usage: .venv/bin/python benchmarks/bench_serve.py [--family qwen2]
 The last line is `rps_ratio_vs_naive=... rps_ratio_vs_grouped=... flatness_64_vs_1=... cold_load_ms=...
 hit_overhead_ms=...` followed by more pairs.
 """
@@ -27,6 +31,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
@@ -45,6 +50,7 @@ import torch  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.inference import AdapterRef, Finished, GenerationRequest, InferenceEngine  # noqa: E402
 from app.ml.chat import render_completion_prompt  # noqa: E402
+from app.ml.families import FAMILIES  # noqa: E402
 from app.ml.registry import BaseModelRegistry  # noqa: E402
 
 TINY = "tuneserve-tiny"
@@ -56,7 +62,7 @@ RANK = 16  # the tiny model's training default
 REPEATS = 2
 
 
-def build_adapters(base_dir: str, out: Path, count: int) -> list[AdapterRef]:
+def build_adapters(base: str, base_dir: str, out: Path, count: int) -> list[AdapterRef]:
     """`count` random rank-16 all-linear adapters (one PEFT model, re-randomised and saved per adapter)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -73,11 +79,13 @@ def build_adapters(base_dir: str, out: Path, count: int) -> list[AdapterRef]:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         path = out / f"adapter-{i}"
         peft_model.save_pretrained(path)
-        refs.append(AdapterRef(name=f"ft:{TINY}:bench::{i:04d}", path=path))
+        refs.append(AdapterRef(name=f"ft:{base}:bench::{i:04d}", path=path))
     return refs
 
 
-def make_workload(tokenizer, adapters: list[AdapterRef | None]) -> list[GenerationRequest]:
+def make_workload(
+    base: str, tokenizer, adapters: list[AdapterRef | None], match_tiny_lengths: bool = False
+) -> list[GenerationRequest]:
     rng = random.Random(0)
     words = [
         "the",
@@ -108,11 +116,18 @@ def make_workload(tokenizer, adapters: list[AdapterRef | None]) -> list[Generati
     requests = []
     for i in range(REQUESTS):
         text = " ".join(rng.choice(words) for _ in range(rng.randint(4, 16)))
+        prompt_ids = render_completion_prompt(text, tokenizer)
+        if match_tiny_lengths:
+            # tuneserve-tiny's prompt: BOS and one token per byte. Lengthened from the prompt's own words.
+            target, own_words, extra = len(text.encode()) + 1, text.split(), random.Random(i)
+            while len(prompt_ids) < target:
+                text += " " + extra.choice(own_words)
+                prompt_ids = render_completion_prompt(text, tokenizer)
         requests.append(
             GenerationRequest(
-                base_model=TINY,
+                base_model=base,
                 adapter=adapters[i % len(adapters)],
-                prompt_ids=render_completion_prompt(text, tokenizer),
+                prompt_ids=prompt_ids,
                 max_tokens=NEW_TOKENS,
                 min_tokens=NEW_TOKENS,
                 temperature=0.0,
@@ -189,8 +204,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def one_token_latency(engine: InferenceEngine, tokenizer, adapter: AdapterRef | None) -> float:
-    req = GenerationRequest(TINY, adapter, render_completion_prompt("latency probe", tokenizer), max_tokens=1)
+def one_token_latency(engine: InferenceEngine, base: str, tokenizer, adapter: AdapterRef | None) -> float:
+    req = GenerationRequest(base, adapter, render_completion_prompt("latency probe", tokenizer), max_tokens=1)
 
     async def main():
         started = time.perf_counter()
@@ -200,12 +215,18 @@ def one_token_latency(engine: InferenceEngine, tokenizer, adapter: AdapterRef | 
     return asyncio.run(main())
 
 
-def warm(engine: InferenceEngine, tokenizer, adapters: list[AdapterRef]) -> None:
+def warm(engine: InferenceEngine, base: str, tokenizer, adapters: list[AdapterRef]) -> None:
     for ref in adapters:
-        one_token_latency(engine, tokenizer, ref)
+        one_token_latency(engine, base, tokenizer, ref)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), help="serve tiny-FAMILY instead of tuneserve-tiny")
+    parser.add_argument("--same-text", action="store_true", help="with --family: do not match tiny's token lengths")
+    args = parser.parse_args()
+    base = FAMILIES[args.family].model_name if args.family else TINY
+    match = bool(args.family) and not args.same_text
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
@@ -213,8 +234,9 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         registry = BaseModelRegistry(Settings(data_dir=Path(tmp) / "data"))
-        base_dir = registry.resolve(TINY).name_or_path
-        adapters = build_adapters(base_dir, Path(tmp), 64)
+        base_dir = registry.resolve(base).name_or_path
+        adapters = build_adapters(base, base_dir, Path(tmp), 64)
+        print(f"model: {base}")
         results: dict[str, tuple[float, list[float]]] = {}
 
         def record(label: str, outcome: tuple[float, list[float]], note: str = "") -> None:
@@ -226,9 +248,9 @@ def main() -> None:
         def run_engine(label: str, pool: list[AdapterRef], **options) -> None:
             engine = InferenceEngine(registry, max_batch_size=BATCH, **options)
             engine.start()
-            tokenizer = engine.tokenizer(TINY)
-            warm(engine, tokenizer, pool)
-            outcome = asyncio.run(drive(engine_server(engine), make_workload(tokenizer, pool)))
+            tokenizer = engine.tokenizer(base)
+            warm(engine, base, tokenizer, pool)
+            outcome = asyncio.run(drive(engine_server(engine), make_workload(base, tokenizer, pool, match)))
             metrics = engine.metrics()
             engine.stop()
             record(label, outcome, f"mean decode batch {metrics['batch_size_sum'] / metrics['batch_size_count']:.2f}")
@@ -236,16 +258,16 @@ def main() -> None:
         eight = adapters[:8]
         engine = InferenceEngine(registry, max_batch_size=BATCH)
         engine.start()
-        tokenizer = engine.tokenizer(TINY)
+        tokenizer = engine.tokenizer(base)
         # Cold load vs hit: adapters this engine has not seen, each measured against itself once resident.
-        cold, hit, base = [], [], []
+        cold, hit, on_base = [], [], []
         for ref in adapters[8:24]:
-            cold.append(one_token_latency(engine, tokenizer, ref))
-            hit.append(one_token_latency(engine, tokenizer, ref))
-            base.append(one_token_latency(engine, tokenizer, None))
+            cold.append(one_token_latency(engine, base, tokenizer, ref))
+            hit.append(one_token_latency(engine, base, tokenizer, ref))
+            on_base.append(one_token_latency(engine, base, tokenizer, None))
         engine.stop()
         cold_load_ms = 1000 * statistics.median(c - h for c, h in zip(cold, hit, strict=True))
-        hit_overhead_ms = 1000 * statistics.median(h - b for h, b in zip(hit, base, strict=True))
+        hit_overhead_ms = 1000 * statistics.median(h - b for h, b in zip(hit, on_base, strict=True))
         print(f"cold load {cold_load_ms:.2f} ms over a resident hit; hit overhead {hit_overhead_ms:.2f} ms vs base")
 
         naive = NaivePeftServer(base_dir, eight)
@@ -255,7 +277,7 @@ def main() -> None:
             run_engine("grouped by adapter", eight, scheduling="per_adapter")
             run_engine("engine (1 adapter)", adapters[:1])
             run_engine("engine (64 adapters)", adapters)
-            record("naive", asyncio.run(drive(naive.serve(), make_workload(tokenizer, eight))))
+            record("naive", asyncio.run(drive(naive.serve(), make_workload(base, tokenizer, eight, match))))
 
     rps = {label: REQUESTS / wall for label, (wall, _) in results.items()}
     for label, (_, latencies) in results.items():

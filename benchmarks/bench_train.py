@@ -6,7 +6,13 @@ On the same synthetic chat data (single-turn, long-tailed lengths) and the same 
 - peak memory (RSS growth of a fresh process) of the engine vs the naive loop at the same token budget per
   step, with a 32k vocabulary so that logits matter.
 
-Usage: .venv/bin/python benchmarks/bench_train.py [--examples 96]
+`--family NAME` runs it all on the built-in family model `tiny-NAME` (its architecture, tokenizer and chat
+template; the memory run on the same family built with a 32k vocabulary). The examples are then lengthened from
+their own words until each message has as many tokens in the family's tokenizer as in tuneserve-tiny's byte-level
+one (`--same-text` keeps the text as it is), so every model trains on the same token lengths and the ratios differ
+only by what the model and its template do. A template that refuses a system role gets the examples without it.
+
+Usage: .venv/bin/python benchmarks/bench_train.py [--examples 96] [--family qwen2]
 The last line is `useful_tps_ratio_vs_naive=... useful_tps_ratio_vs_trl=... peak_mem_ratio_vs_naive=...`.
 """
 
@@ -20,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import random  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -34,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from app.jobs.spec import resolve_spec  # noqa: E402
+from app.ml.families import FAMILIES, build_family_model, ensure_family_model  # noqa: E402
 from app.ml.registry import TINY_DEFAULTS  # noqa: E402
 from app.ml.synthetic import varied_length_chat, write_jsonl  # noqa: E402
 from app.ml.tiny import build_tiny_model, ensure_tiny_model  # noqa: E402
@@ -45,12 +53,45 @@ BATCH_EXAMPLES = 8  # examples per optimizer step, every variant
 SEED = 0
 
 
-def make_dataset(tokenizer, n: int, seed: int) -> list[dict]:
+def make_dataset(tokenizer, n: int, seed: int, *, match_tiny_lengths: bool = False) -> list[dict]:
     """Single-turn examples (so every variant supervises the same tokens) that fit MAX_SEQ_LENGTH."""
-    candidates = varied_length_chat(2 * n, seed=seed, max_words=90, multi_turn_share=0.0)
+    candidates = varied_length_chat(
+        2 * n, seed=seed, max_words=90, multi_turn_share=0.0, drop_system=not supports_system_role(tokenizer)
+    )
+    if match_tiny_lengths:
+        candidates = [lengthen_to_tiny_tokens(c, tokenizer, seed + i) for i, c in enumerate(candidates)]
     fitting = [c for c in candidates if len(render_len(c, tokenizer)) <= MAX_SEQ_LENGTH]
     assert len(fitting) >= n, "too few examples fit; lower max_words"
     return fitting[:n]
+
+
+def supports_system_role(tokenizer) -> bool:
+    from app.ml.chat import ChatTemplateError, check_chat_support
+
+    probe = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ]
+    try:
+        check_chat_support(probe, tokenizer)
+    except ChatTemplateError:
+        return False
+    return True
+
+
+def lengthen_to_tiny_tokens(example: dict, tokenizer, seed: int) -> dict:
+    """The example with each message extended by words it already has until the tokenizer gives the message at
+    least as many tokens as tuneserve-tiny's byte-level tokenizer does (one per UTF-8 byte)."""
+    rng = random.Random(seed)
+    messages = []
+    for message in example["messages"]:
+        content = message["content"]
+        words, target = content.split(), len(content.encode())
+        while len(tokenizer(content, add_special_tokens=False)["input_ids"]) < target:
+            content += " " + rng.choice(words)
+        messages.append({**message, "content": content})
+    return {**example, "messages": messages}
 
 
 def render_len(example, tokenizer):
@@ -129,7 +170,9 @@ def run_naive(model_dir: Path, examples: list[dict]) -> tuple[float, float]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate)
-    batches = naive_batches(tokenizer, examples, tokenizer.pad_token_id)
+    # Padding is masked out, so any id pads; Llama 3 and Mistral tokenizers have no pad token.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = naive_batches(tokenizer, examples, pad_id)
     start = clocks()
     for input_ids, mask, labels in batches:
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
@@ -143,12 +186,17 @@ def run_naive(model_dir: Path, examples: list[dict]) -> tuple[float, float]:
 def run_trl(model_dir: Path, examples: list[dict], out_dir: Path) -> tuple[float, float]:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from app.ml.base_model import attention_for
 
     spec = spec_for(len(examples))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa")
+    # SDPA, unless the architecture computes another function with it (Gemma 2's soft-capping: eager), as the
+    # engine's own loading decides.
+    attention = attention_for(AutoConfig.from_pretrained(str(model_dir)), "sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=attention)
     # Prompt/completion form: TRL then puts the loss on the completion only, the same tokens as the engine.
     rows = [{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in examples]
     # Rows per optimizer step chosen so a step holds about the same tokens as the engine's 8 examples. One row
@@ -244,6 +292,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--family", choices=sorted(FAMILIES), help="train tiny-FAMILY instead of tuneserve-tiny")
+    parser.add_argument("--same-text", action="store_true", help="with --family: do not match tiny's token lengths")
     parser.add_argument("--memory-child", nargs=3, metavar=("VARIANT", "MODEL_DIR", "DATA"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -259,16 +309,20 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model_dir = ensure_tiny_model(tmp / "data")
+        family = args.family
+        model_dir = ensure_family_model(tmp / "data", family) if family else ensure_tiny_model(tmp / "data")
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        examples = make_dataset(tokenizer, args.examples, seed=SEED)
+        examples = make_dataset(
+            tokenizer, args.examples, seed=SEED, match_tiny_lengths=bool(family) and not args.same_text
+        )
         n = len(examples)
         train_file = tmp / "train.jsonl"
         write_jsonl(train_file, examples)
         useful = useful_tokens(tokenizer, examples)
         lengths = [len(render_len(e, tokenizer)) for e in examples]
+        model_name = FAMILIES[family].model_name if family else "tuneserve-tiny"
         print(
-            f"data: {len(examples)} examples, {sum(lengths)} tokens (min {min(lengths)}, "
+            f"model: {model_name}; data: {len(examples)} examples, {sum(lengths)} tokens (min {min(lengths)}, "
             f"max {max(lengths)}, mean {sum(lengths) / len(lengths):.0f}), {useful} supervised; "
             f"max_seq_length {MAX_SEQ_LENGTH}, {BATCH_EXAMPLES} examples per step, torch threads "
             f"{torch.get_num_threads()}"
@@ -304,7 +358,10 @@ def main() -> None:
         engine, naive, trl = (timings[k] for k in list(timings)[:1] + list(timings)[2:])
 
         big = tmp / "tiny-32k"
-        build_tiny_model(big, vocab_size=32_000)
+        if family:
+            build_family_model(big, family, vocab_size=32_000)
+        else:
+            build_tiny_model(big, vocab_size=32_000)
         mem_file = tmp / "mem.jsonl"
         write_jsonl(mem_file, examples[: 3 * BATCH_EXAMPLES])
         mem_engine = measure_memory("engine", big, mem_file)

@@ -6,12 +6,16 @@ from anywhere, so nothing in it is unpickled or executed.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:  # transformers is imported when a model is loaded, not with this module
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+MODEL_CONSTRUCTION = threading.Lock()  # held while a model is built or loaded (app.ml.modules too)
 
 
 def load_causal_lm(
@@ -22,15 +26,19 @@ def load_causal_lm(
     safetensors weights, an unknown architecture); callers say what that means for them."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path,
-        config=config,
-        dtype=dtype,
-        use_safetensors=True,
-        trust_remote_code=False,
-        attn_implementation=attention_for(config, attn_implementation),
-    )
+    # One load at a time per process: from_pretrained builds the model on the meta device through process-wide
+    # patches, and two loads at once (the engine loads base models on two threads) left tied embeddings on the
+    # meta device ("Cannot copy out of meta tensor").
+    with MODEL_CONSTRUCTION:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            config=config,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=False,
+            attn_implementation=attention_for(config, attn_implementation),
+        )
     # transformers wraps PreTrainedModel.to with functools.wraps, and mypy types the result as a plain callable
     # whose first argument is `self`, so the device looks like the model argument.
     return model.to(device)  # type: ignore[arg-type]

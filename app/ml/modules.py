@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from app.ml.base_model import MODEL_CONSTRUCTION
+
 
 @lru_cache(maxsize=16)
 def linear_module_names(name_or_path: str) -> frozenset[str]:
@@ -14,7 +16,7 @@ def linear_module_names(name_or_path: str) -> frozenset[str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
-    with torch.device("meta"):
+    with MODEL_CONSTRUCTION, torch.device("meta"):  # no model load may run inside this meta-device scope
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     head = model.get_output_embeddings()
     return frozenset(

@@ -95,15 +95,20 @@ def _text(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(n_words))
 
 
-def varied_length_chat(n: int, seed: int = 0, max_words: int = 120, multi_turn_share: float = 0.3) -> list[dict]:
+def varied_length_chat(
+    n: int, seed: int = 0, max_words: int = 120, multi_turn_share: float = 0.3, drop_system: bool = False
+) -> list[dict]:
     """Chat examples with long-tailed lengths (a few words to `max_words`), some multi-turn, some with a
-    system prompt: the shape of real fine-tuning data, where padding to the longest wastes most compute."""
+    system prompt: the shape of real fine-tuning data, where padding to the longest wastes most compute.
+    `drop_system` (for templates that refuse a system role): the same examples without their system messages."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         messages = []
         if rng.random() < 0.3:
-            messages.append({"role": "system", "content": _text(rng, rng.randint(3, 12))})
+            system = {"role": "system", "content": _text(rng, rng.randint(3, 12))}
+            if not drop_system:
+                messages.append(system)
         for _ in range(2 if rng.random() < multi_turn_share else 1):
             user_words = min(max_words, int(rng.expovariate(1 / 30)) + 3)
             answer_words = min(max_words, int(rng.expovariate(1 / 20)) + 2)
