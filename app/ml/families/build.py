@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # transformers is imported when a model is built, not with th
     from transformers import PreTrainedTokenizerFast
 
 # Bump when a recipe changes, so an old build on disk is never mistaken for the new one.
-FAMILY_MODELS_VERSION = 1
+FAMILY_MODELS_VERSION = 2
 SEED = 1234
 BPE_VOCAB_SIZE = 2000
 # As for tuneserve-tiny: a frozen random LM head at the usual init caps the logit margin an adapter can reach.
@@ -151,7 +151,7 @@ def build_family_model(
         torch.manual_seed(seed)
         model = getattr(transformers, spec.model_class)(config)
         with torch.no_grad():
-            model.get_output_embeddings().weight.mul_(LM_HEAD_SCALE)
+            _scale_logits(model)
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in spec.stop_tokens]
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -161,6 +161,20 @@ def build_family_model(
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _scale_logits(model: Any) -> None:
+    """Multiply the logits by LM_HEAD_SCALE. Through the LM head, unless it is tied to the input embeddings:
+    scaling those too would make each token's own embedding drown out what the layers add (Qwen then barely
+    learns to use the request); through the final norm's weight instead, where it is a plain scale (not Gemma's
+    `1 + weight`, whose head is scaled as it learns fine)."""
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    weight = getattr(norm, "weight", None)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if tied and weight is not None and bool((weight == 1).all()):
+        weight.mul_(LM_HEAD_SCALE)
+    else:
+        model.get_output_embeddings().weight.mul_(LM_HEAD_SCALE)
 
 
 def _round_up(n: int, multiple: int) -> int:
