@@ -5,7 +5,12 @@ Figures: requests by status (the goal is no 5xx), p50/p99 of `GET /v1/fine_tunin
 against the same poll on the idle service in the same run (goal: p99 under 10x idle), and fairness: the decode
 steps requests waited for a batch row (engine metrics) and project b's short chats, p50/p99 under load.
 
-Last line: `name=value` pairs. Usage: python benchmarks/bench_load.py [--clients 200] [--seconds 60]
+The polls are timed twice: by the load's own clients, and by a user in a process of its own polling every 50 ms
+(`probe_poll_*`), whose figure cannot include the load generator's waits; `client_loop_lag_p99_ms` is how late the
+load generator's event loop ran. The clients arrive over `--ramp` seconds; with `--ramp 1`, 200 users arriving
+within a second queue behind each other for most of a second, and that shows in the p99.
+
+Last line: `name=value` pairs. Usage: python benchmarks/bench_load.py [--clients 200] [--seconds 60] [--ramp 10]
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
+import multiprocessing
 import os
 import random
 import re
+import ssl
 import statistics
 import subprocess
 import sys
@@ -105,9 +113,17 @@ async def streamed(client: httpx.AsyncClient, url: str, body: dict, headers: dic
 
 
 async def client_loop(
-    client: httpx.AsyncClient, url: str, project: str, job_id: str, until: float, recorder: Recorder, seed: int
+    client: httpx.AsyncClient,
+    url: str,
+    project: str,
+    job_id: str,
+    until: float,
+    recorder: Recorder,
+    seed: int,
+    start_after: float,
 ) -> None:
     rng = random.Random(seed)
+    await asyncio.sleep(start_after)
     headers = {"Authorization": f"Bearer {KEYS[project]}"}
     chat_url = f"{url}/v1/chat/completions"
     while time.monotonic() < until:
@@ -164,18 +180,51 @@ async def idle_short_chats(url: str, n: int) -> list[float]:
     return times
 
 
-async def load(url: str, job_id: str, clients: int, seconds: float) -> Recorder:
-    recorder = Recorder()
+async def loop_lag(until: float, recorder: Recorder) -> None:
+    """How late this process's own event loop wakes: the part of its latencies that is the load generator's."""
+    while time.monotonic() < until:
+        start = time.perf_counter()
+        await asyncio.sleep(0.05)
+        recorder.latency["client_loop_lag"].append(time.perf_counter() - start - 0.05)
+
+
+def probe_polls(url: str, job_id: str, seconds: float, out: multiprocessing.Queue) -> None:
+    """A user polling their job once every 50 ms from a process of its own, while the load runs."""
+    headers = {"Authorization": f"Bearer {KEYS['a']}"}
+    times = []
     until = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    with httpx.Client(timeout=120) as client:
+        while time.monotonic() < until:
+            start = time.perf_counter()
+            client.get(f"{url}/v1/fine_tuning/jobs/{job_id}", headers=headers).raise_for_status()
+            times.append(time.perf_counter() - start)
+            time.sleep(0.05)
+    out.put(times)
+
+
+async def load(url: str, job_id: str, clients: int, seconds: float, ramp_seconds: float) -> Recorder:
+    recorder = Recorder()
+    # A client, and so a connection, of its own for each user, made before the clock starts: clients sharing one
+    # httpx pool queue inside it for seconds under this load before their request is even sent, and building 200
+    # clients (an SSL context each) blocks this process's loop for seconds. Both are the load generator's waits.
+    tls = ssl.create_default_context()
+    async with contextlib.AsyncExitStack() as stack:
+        users = [await stack.enter_async_context(httpx.AsyncClient(timeout=120, verify=tls)) for _ in range(clients)]
+        until = time.monotonic() + seconds
+        # Users arrive evenly over the first `ramp_seconds`, as a load test ramps up; every request counts in the
+        # figures, the ramp's included.
+        ramp = ramp_seconds / clients
+        lag = asyncio.ensure_future(loop_lag(until, recorder))
         # One in ten clients belongs to project b.
         await asyncio.gather(
             *(
-                client_loop(client, url, "b" if i % 10 == 0 else "a", job_id, until, recorder, seed=i)
-                for i in range(clients)
+                client_loop(
+                    user, url, "b" if i % 10 == 0 else "a", job_id, until, recorder, seed=i, start_after=i * ramp
+                )
+                for i, user in enumerate(users)
             )
         )
+        await lag
     return recorder
 
 
@@ -189,6 +238,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--ramp", type=float, default=10.0, help="seconds over which the clients arrive")
     args = parser.parse_args()
 
     name = f"tuneserve_load_{uuid.uuid4().hex[:8]}"
@@ -220,7 +270,12 @@ def main() -> None:
             idle_chat = asyncio.run(idle_short_chats(url, 20))
             waited_before = engine_metric(url, "admission_wait_steps_sum")
             count_before = engine_metric(url, "admission_wait_steps_count")
-            recorder = asyncio.run(load(url, job_id, args.clients, args.seconds))
+            probed: multiprocessing.Queue = multiprocessing.Queue()
+            prober = multiprocessing.Process(target=probe_polls, args=(url, job_id, args.seconds, probed))
+            prober.start()
+            recorder = asyncio.run(load(url, job_id, args.clients, args.seconds, args.ramp))
+            probe = probed.get(timeout=120)
+            prober.join()
             waited = engine_metric(url, "admission_wait_steps_sum") - waited_before
             admitted = engine_metric(url, "admission_wait_steps_count") - count_before
             max_wait = engine_metric(url, "admission_wait_steps_max")
@@ -250,6 +305,10 @@ def main() -> None:
         "poll_p50_ms_load": round(statistics.median(poll) * 1000, 1) if poll else float("nan"),
         "poll_p99_ms_load": round(percentile(poll, 0.99) * 1000, 1),
         "poll_p99_ratio": round(percentile(poll, 0.99) / percentile(idle_poll, 0.99), 2),
+        "probe_poll_p50_ms_load": round(statistics.median(probe) * 1000, 1),
+        "probe_poll_p99_ms_load": round(percentile(probe, 0.99) * 1000, 1),
+        "probe_poll_p99_ratio": round(percentile(probe, 0.99) / percentile(idle_poll, 0.99), 2),
+        "client_loop_lag_p99_ms": round(percentile(recorder.latency["client_loop_lag"], 0.99) * 1000, 1),
         "b_chat_p50_s_idle": round(statistics.median(idle_chat), 3),
         "b_chat_p50_s_load": round(statistics.median(b_chat), 3) if b_chat else float("nan"),
         "b_chat_p99_s_load": round(percentile(b_chat, 0.99), 3),
@@ -257,6 +316,7 @@ def main() -> None:
         "admission_wait_steps_max": max_wait,
         "training_job_status": job["status"],
         "clients": args.clients,
+        "ramp_seconds": args.ramp,
         "seconds": args.seconds,
     }
     print(" ".join(f"{k}={v}" for k, v in figures.items()))

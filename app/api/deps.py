@@ -1,4 +1,7 @@
-"""Request dependencies: long-lived objects from app.state, a DB session, and the caller's project."""
+"""Request dependencies: long-lived objects from app.state, a DB session, and the caller's project.
+
+What does no I/O is `async def`: FastAPI runs a plain `def` dependency in the threadpool, one hop (a thread and a
+GIL hand-off) each, and under load those hops queue behind every other request's."""
 
 from __future__ import annotations
 
@@ -22,19 +25,19 @@ from app.storage import LocalStorage
 _bearer = HTTPBearer(auto_error=False, description="An API key from `tuneserve keys create`.")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_storage(request: Request) -> LocalStorage:
+async def get_storage(request: Request) -> LocalStorage:
     return request.app.state.storage
 
 
-def get_registry(request: Request) -> BaseModelRegistry:
+async def get_registry(request: Request) -> BaseModelRegistry:
     return request.app.state.registry
 
 
-def get_sessionmaker(request: Request) -> sessionmaker[Session]:
+async def get_sessionmaker(request: Request) -> sessionmaker[Session]:
     return request.app.state.sessionmaker
 
 
@@ -68,14 +71,14 @@ def release_connection(session: Session) -> None:
 ProjectDep = Annotated[CurrentProject, Depends(current_project)]
 
 
-def get_dispatcher(request: Request) -> JobDispatcher:
+async def get_dispatcher(request: Request) -> JobDispatcher:
     return request.app.state.dispatcher
 
 
 DispatcherDep = Annotated[JobDispatcher, Depends(get_dispatcher)]
 
 
-def get_inference(request: Request) -> InferenceEngine | None:
+async def get_inference(request: Request) -> InferenceEngine | None:
     """The serving engine, or None on a server started with TUNESERVE_INFERENCE=off."""
     return request.app.state.inference
 
@@ -83,7 +86,7 @@ def get_inference(request: Request) -> InferenceEngine | None:
 InferenceDep = Annotated[InferenceEngine | None, Depends(get_inference)]
 
 
-def require_inference(engine: InferenceDep) -> InferenceEngine:
+async def require_inference(engine: InferenceDep) -> InferenceEngine:
     if engine is None:
         raise ServiceUnavailable("Inference is off on this server (TUNESERVE_INFERENCE=off).", code="inference_off")
     return engine
@@ -92,7 +95,7 @@ def require_inference(engine: InferenceDep) -> InferenceEngine:
 EngineDep = Annotated[InferenceEngine, Depends(require_inference)]
 
 
-def serving(
+async def serving(
     project: ProjectDep,
     session: SessionDep,
     registry: RegistryDep,
