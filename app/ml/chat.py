@@ -165,14 +165,15 @@ def _training_text(
         if not text.startswith(prompt):
             # The template renders the conversation before the last answer differently when the answer
             # follows: train the answer, as the template writes it, after the prompt inference will render.
-            start = _turn_start(messages[:last], tokenizer, tools, text, 0, from_end=True)
+            start = _turn_start(messages[:last], tokenizer, tools, _Tokens(text, tokenizer), 0, from_end=True)
             if start < 0:
                 start = _content_position(text, messages[last], 0, last, last=True)
             text = prompt + text[start:]
     spans = []
     cursor = 0
+    tokens = _Tokens(text, tokenizer)
     for i in assistants:
-        start = _turn_start(messages[:i], tokenizer, tools, text, cursor) if i > 0 else -1
+        start = _turn_start(messages[:i], tokenizer, tools, tokens, cursor) if i > 0 else -1
         if start < 0:
             start = _content_position(text, messages[i], cursor, i, last=False)
         end = _end_of_turn(text, start, stops, i)
@@ -181,11 +182,28 @@ def _training_text(
     return text, spans
 
 
+class _Tokens:
+    """A text and, on first use, its tokens with their offsets: tokenized once however many turns ask."""
+
+    def __init__(self, text: str, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.text = text
+        self._tokenizer = tokenizer
+        self._tokens: list[tuple[int, int, int]] | None = None  # (id, begin, end)
+
+    def starting_at(self, position: int) -> list[tuple[int, int]]:
+        """(id, end offset) of each token that begins at or after `position`."""
+        if self._tokens is None:
+            encoding = self._tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
+            pairs = zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
+            self._tokens = [(token, begin, end) for token, (begin, end) in pairs]
+        return [(token, end) for token, begin, end in self._tokens if begin >= position]
+
+
 def _turn_start(
     before: list[dict[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
     tools: list[dict[str, Any]] | None,
-    text: str,
+    tokens: _Tokens,
     cursor: int,
     *,
     from_end: bool = False,
@@ -201,6 +219,7 @@ def _turn_start(
     differently than in its generation prompt, as Qwen3's think block; "<think>" and "<tool_call>" share a
     first character, so characters would over-count).
     """
+    text = tokens.text
     prompt = _render(before, tokenizer, tools, add_generation_prompt=True)
     if text.startswith(prompt) and len(prompt) >= cursor:
         return len(prompt)
@@ -209,14 +228,8 @@ def _turn_start(
     if end < 0:
         return -1
     opening = prompt[len(history) :] if prompt.startswith(history) else ""
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    following = [
-        (token, stop)
-        for token, (begin, stop) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
-        if begin >= end
-    ]
     agreed = end
-    for ours, (theirs, stop) in zip(_encode(opening, tokenizer), following, strict=False):
+    for ours, (theirs, stop) in zip(_encode(opening, tokenizer), tokens.starting_at(end), strict=False):
         if ours != theirs:
             break
         agreed = stop

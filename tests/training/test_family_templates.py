@@ -293,3 +293,26 @@ def test_every_answer_is_trained_once_when_questions_repeat(tokenizers, family):
     assert [next(a for a in ("one", "two", "three") if a in run) for run in runs] == ["one", "two", "three"], runs
     prompt = render_chat_prompt(messages[:-1], tokenizer)
     assert ids[: len(prompt)] == prompt
+
+
+def test_a_template_that_rewrites_history_tokenizes_a_long_conversation_a_bounded_number_of_times(
+    tokenizers, monkeypatch
+):
+    # Qwen3 renders earlier turns without the think block its generation prompt opens, so every turn takes the
+    # token-wise fallback; the conversation's text must not be tokenized again per turn (quadratic).
+    tokenizer = tokenizers["qwen3"]
+    messages = [{"role": "system", "content": "Answer in one word."}]
+    for i in range(40):
+        messages += [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"A{i}."}]
+    whole_texts = []
+    tokenize = type(tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            whole_texts.append(text)
+        return tokenize(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    ids, labels = render_chat_example(messages, tokenizer)
+    assert len(_supervised_runs(ids, labels)) == 40
+    assert len(whole_texts) <= 3  # the last turn's text, the final text's turns, and the labels
