@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     max_sequences_per_request: int = Field(default=64, ge=1)
     max_messages_per_request: int = Field(default=2048, ge=1)
     max_batch_size: int = Field(default=16, ge=1)  # sequences decoded together
+    max_waiting_per_project: int = Field(default=256, ge=1)  # sequences one project may have queued for the engine
     max_resident_adapters: int = Field(default=64, ge=1)
     max_lora_rank: int = Field(default=64, ge=1)  # the largest adapter rank served; job creation refuses more
     # Per project and API process, on the inference endpoints; unset means unlimited (app/services/rate_limits.py).

@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 max_adapters=settings.max_resident_adapters,
                 max_adapter_bytes=settings.max_adapter_cache_bytes,
                 max_lora_rank=settings.max_lora_rank,
+                max_waiting_per_owner=settings.max_waiting_per_project,
             )
             app.state.inference.start()
         # Re-drive what the broker may have lost while nothing was running; off the start-up path.

@@ -7,14 +7,17 @@ adapter) is loaded on a small thread pool and the request follows when it is rea
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from app.errors import InvalidRequest, NotFound, ServiceUnavailable, TuneserveError
 from app.inference.adapter_cache import AdapterCache, AdapterEntry
 from app.inference.adapter_weights import read_adapter
+from app.inference.allowance import WaitingAllowance
 from app.inference.context_length import check_fits_context
 from app.inference.handle import GenerationHandle
 from app.inference.metrics import EngineMetrics
@@ -66,7 +69,7 @@ class InferenceEngine:
         self._scheduling = scheduling
         self._max_prefill_tokens = max_prefill_tokens
         self._join_wait_steps = join_wait_steps
-        self._max_waiting_per_owner = max_waiting_per_owner
+        self._allowance = WaitingAllowance(max_waiting_per_owner)
         self._device, self._dtype = device, dtype
         self._metrics = EngineMetrics()
         self._cache = AdapterCache(self._metrics, max_adapters=max_adapters, max_bytes=max_adapter_bytes)
@@ -122,7 +125,6 @@ class InferenceEngine:
                 policy=self._scheduling,
                 max_prefill_tokens=self._max_prefill_tokens,
                 join_wait_steps=self._join_wait_steps,
-                max_waiting_per_owner=self._max_waiting_per_owner,
             )
             with self._lock:
                 self._schedulers[base_model] = scheduler
@@ -145,11 +147,37 @@ class InferenceEngine:
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         """Queue a request; thread-safe and non-blocking (callable from the event loop).
 
-        Raises `NotFound`/`InvalidRequest` at once when the request is invalid on its face; errors found while
-        loading (adapter files, base mismatch) are raised from the handle's iteration instead.
+        Raises `NotFound`/`InvalidRequest` at once when the request is invalid on its face, and `RateLimited`
+        when its owner already has `max_waiting_per_owner` sequences waiting; errors found while loading
+        (adapter files, base mismatch) are raised from the handle's iteration instead.
         """
-        self._check(request)
-        handle = GenerationHandle()
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[GenerationHandle]:
+        """Queue the sequences of one client request together: all are checked and counted against their owner's
+        waiting allowance before any is queued, so they are refused or taken as a whole."""
+        for request in requests:
+            self._check(request)
+        reserved: Counter[str] = Counter()
+        handles: list[GenerationHandle] = []
+        try:
+            for owner, count in Counter(request.owner for request in requests).items():
+                self._allowance.reserve(owner, count)
+                reserved[owner] = count
+            for request in requests:
+                handles.append(self._submit(request))
+                reserved[request.owner] -= 1  # from here on its handle's first event releases it
+        except BaseException:
+            for owner, count in reserved.items():
+                if count:
+                    self._allowance.release(owner, count)
+            for handle in handles:  # a request is taken whole or not at all
+                handle.cancel()
+            raise
+        return handles
+
+    def _submit(self, request: GenerationRequest) -> GenerationHandle:
+        handle = GenerationHandle(on_first_event=functools.partial(self._allowance.release, request.owner))
         self._metrics.add("requests_total")
         runtime = self._runtimes.get(request.base_model)
         if runtime is None:

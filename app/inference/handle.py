@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from app.inference.types import Finished, TextDelta
 
@@ -23,7 +24,10 @@ class GenerationHandle:
     decode step and its stream ends with `Finished(finish_reason="cancelled")`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_first_event: Callable[[], None] | None = None) -> None:
+        # Called once, on the producer's thread, when the first event arrives: the sequence has started decoding
+        # or has ended without starting (the engine counts what waits; see app/inference/allowance.py).
+        self._on_first_event = on_first_event
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._events: deque = deque()
@@ -81,6 +85,9 @@ class GenerationHandle:
             self._events.append(event)
             self._ready.notify_all()
             waiter, self._waiter = self._waiter, None
+            first, self._on_first_event = self._on_first_event, None
+        if first is not None:
+            first()
         if waiter is not None:
             # A closed loop means the consumer is gone: nobody will read this event.
             with contextlib.suppress(RuntimeError):

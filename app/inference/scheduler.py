@@ -9,8 +9,8 @@ Policies (how waiting requests enter the batch):
   batches); kept to measure the others against.
 
 Fairness: waiting requests are admitted round-robin across their owners (projects), first come first served
-within an owner, so another project's request waits for one free row rather than behind a whole burst; and an
-owner may have at most `max_waiting_per_owner` sequences waiting (more are refused with 429).
+within an owner, so another project's request waits for one free row rather than behind a whole burst. How many
+sequences one owner may have waiting is capped when the engine takes a request (app/inference/allowance.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from app.errors import RateLimited, ServiceUnavailable
+from app.errors import ServiceUnavailable
 from app.inference.adapter_cache import AdapterCache
 from app.inference.kv_batch import KVBatch
 from app.inference.metrics import EngineMetrics
@@ -48,7 +48,6 @@ class BatchScheduler:
         policy: str = "continuous",
         max_prefill_tokens: int = 16384,
         join_wait_steps: int = 2,
-        max_waiting_per_owner: int = 256,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; one of {POLICIES}")
@@ -59,7 +58,6 @@ class BatchScheduler:
         self._policy = policy
         self._max_prefill_tokens = max_prefill_tokens
         self._join_wait_steps = join_wait_steps
-        self._max_waiting_per_owner = max_waiting_per_owner
         self._steps = 0  # decode steps so far: the clock of join_wait_steps
         self._cond = threading.Condition()
         self._waiting: deque[PendingRequest] = deque()
@@ -92,19 +90,6 @@ class BatchScheduler:
         with self._cond:
             if self._stopping:
                 self._fail(pending, ServiceUnavailable("The inference engine is shutting down", code="engine_stopped"))
-                return
-            owner = pending.request.owner
-            if sum(p.request.owner == owner for p in self._waiting) >= self._max_waiting_per_owner:
-                self._fail(
-                    pending,
-                    RateLimited(
-                        f"This project already has {self._max_waiting_per_owner} sequences waiting for the engine; "
-                        "retry when some have started.",
-                        kind="requests",
-                        retry_after=1,
-                        rate_headers={},
-                    ),
-                )
                 return
             pending.enqueued_at_step = self._steps
             self._waiting.append(pending)

@@ -201,4 +201,4 @@ class Serving:
         return prepared
 
     def submit(self, prepared: Prepared) -> list[GenerationHandle]:
-        return [self.engine.submit(r) for r in prepared.requests]
+        return self.engine.submit_all(prepared.requests)

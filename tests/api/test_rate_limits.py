@@ -62,3 +62,17 @@ def test_a_projects_burst_gets_429_with_headers_and_others_are_served(settings, 
             "/v1/completions", json={**body, "stream": True}, headers={"Authorization": f"Bearer {beta_key}"}
         )
         assert streamed.status_code == 200 and streamed.headers["x-ratelimit-remaining-requests"] == "1"
+
+
+def test_a_request_that_would_queue_too_many_sequences_is_refused_whole_before_its_stream_opens(settings, alpha_key):
+    settings = settings.model_copy(update={"max_waiting_per_project": 2, "rate_limit_requests_per_minute": None})
+    body = {"model": "tuneserve-tiny", "prompt": "hi", "max_tokens": 2, "stream": True}
+    with TestClient(create_app(settings)) as client:
+        alpha = {"Authorization": f"Bearer {alpha_key}"}
+        refused = client.post("/v1/completions", json={**body, "n": 3}, headers=alpha)
+        assert refused.status_code == 429, refused.text  # a JSON error, not an event stream that fails midway
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
+        streamed = client.post("/v1/completions", json={**body, "n": 2}, headers=alpha)
+        assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+        metrics = client.get("/metrics").text
+        assert "\ntuneserve_inference_requests_total 2\n" in metrics  # the refused request queued nothing

@@ -169,19 +169,30 @@ def test_another_projects_request_waits_for_one_free_row_not_a_whole_burst(make_
     assert finished.index("b") <= 2, finished
 
 
-def test_one_owner_may_have_only_so_many_sequences_waiting(make_engine, tokenizer):
+def test_one_owner_may_have_only_so_many_sequences_waiting_and_a_request_is_taken_whole(make_engine, tokenizer):
     from app.errors import RateLimited
 
     engine = make_engine(max_batch_size=1, join_wait_steps=0, max_waiting_per_owner=3)
 
-    async def main():
-        handles = [
-            engine.submit(request(tokenizer, f"p{i}", max_tokens=30, min_tokens=30, owner="a")) for i in range(6)
-        ]
-        other = engine.submit(request(tokenizer, "other", max_tokens=2, owner="b"))
-        return await asyncio.gather(*(collect(h) for h in [*handles, other]), return_exceptions=True)
+    def long(i, owner="a"):
+        return request(tokenizer, f"p{i}", max_tokens=30, min_tokens=30, owner=owner)
 
-    results = asyncio.run(main())
-    refused = [r for r in results[:6] if isinstance(r, RateLimited)]
-    assert 2 <= len(refused) <= 3  # three waiting, and one more if it was already running
-    assert not isinstance(results[6], Exception)  # b's own allowance is untouched
+    async def main():
+        taken = engine.submit_all([long(0), long(1)])
+        # Two more would make four: the whole request is refused at once, before anything of it is queued.
+        with pytest.raises(RateLimited) as refused:
+            engine.submit_all([long(2), long(3)])
+        assert refused.value.headers()["Retry-After"] == "1"
+        taken.append(engine.submit(long(4)))  # the third fits
+        with pytest.raises(RateLimited):
+            engine.submit(long(5))
+        other = engine.submit(request(tokenizer, "other", max_tokens=2, owner="b"))  # b's allowance is its own
+        results = await asyncio.gather(*(collect(h) for h in [*taken, other]))
+        # Sequences that started (or ended) no longer count: the owner may submit again.
+        again = await collect(engine.submit(long(6)))
+        return results, again
+
+    results, again = asyncio.run(main())
+    assert [finished.finish_reason for _, finished in results] == ["length"] * 3 + ["length"]
+    assert again[1].finish_reason == "length"
+    assert engine._allowance.waiting("a") == 0 and engine._allowance.waiting("b") == 0
