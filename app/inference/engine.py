@@ -158,26 +158,26 @@ class InferenceEngine:
         waiting allowance before any is queued, so they are refused or taken as a whole."""
         for request in requests:
             self._check(request)
-        reserved: Counter[str] = Counter()
+        reserved: Counter[tuple[str, str]] = Counter()
         handles: list[GenerationHandle] = []
         try:
-            for owner, count in Counter(request.owner for request in requests).items():
-                self._allowance.reserve(owner, count)
-                reserved[owner] = count
+            for queue, count in Counter(_queue(request) for request in requests).items():
+                self._allowance.reserve(queue, count)
+                reserved[queue] = count
             for request in requests:
                 handles.append(self._submit(request))
-                reserved[request.owner] -= 1  # from here on its handle's first event releases it
+                reserved[_queue(request)] -= 1  # from here on its handle's first event releases it
         except BaseException:
-            for owner, count in reserved.items():
+            for queue, count in reserved.items():
                 if count:
-                    self._allowance.release(owner, count)
+                    self._allowance.release(queue, count)
             for handle in handles:  # a request is taken whole or not at all
                 handle.cancel()
             raise
         return handles
 
     def _submit(self, request: GenerationRequest) -> GenerationHandle:
-        handle = GenerationHandle(on_first_event=functools.partial(self._allowance.release, request.owner))
+        handle = GenerationHandle(on_first_event=functools.partial(self._allowance.release, _queue(request)))
         self._metrics.add("requests_total")
         runtime = self._runtimes.get(request.base_model)
         if runtime is None:
@@ -260,3 +260,8 @@ class InferenceEngine:
     def metrics(self) -> dict[str, float | int]:
         """A flat snapshot of counters (`*_total`, `*_sum`, `*_count`, `*_bucket_le_*`) and gauges."""
         return self._metrics.snapshot()
+
+
+def _queue(request: GenerationRequest) -> tuple[str, str]:
+    """Where a request waits, for the allowance: its owner's share of its base model's queue."""
+    return request.owner, request.base_model

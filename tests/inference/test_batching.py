@@ -195,4 +195,5 @@ def test_one_owner_may_have_only_so_many_sequences_waiting_and_a_request_is_take
     results, again = asyncio.run(main())
     assert [finished.finish_reason for _, finished in results] == ["length"] * 3 + ["length"]
     assert again[1].finish_reason == "length"
-    assert engine._allowance.waiting("a") == 0 and engine._allowance.waiting("b") == 0
+    base = long(0).base_model
+    assert engine._allowance.waiting(("a", base)) == 0 and engine._allowance.waiting(("b", base)) == 0
