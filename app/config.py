@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     max_json_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)  # any JSON request body (app/api/json_bodies.py)
     max_json_depth: int = Field(default=64, ge=2)
+    # Blob storage: the data directory unless this is `s3://bucket/prefix` (endpoint and credentials from the
+    # standard AWS variables: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). What a process fetched from object storage
+    # is kept in a local cache of at most storage_cache_bytes under the data directory.
+    storage_url: str | None = Field(default=None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
+    storage_cache_bytes: int = Field(default=20 * 1024**3, gt=0)
     base_models: dict[str, str] = Field(default_factory=dict)
     inference: Literal["on", "off"] = "on"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

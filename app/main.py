@@ -22,7 +22,7 @@ from app.jobs.broker import JobDispatcher
 from app.jobs.reconcile import reconcile
 from app.ml.registry import BaseModelRegistry
 from app.services.rate_limits import RateLimiter
-from app.storage import LocalStorage
+from app.storage import open_storage
 
 log = logging.getLogger(__name__)
 # Temporary upload files untouched this long belong to a writer that died (any live upload writes more often).
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pool_timeout=settings.db_pool_timeout_seconds,
         )
         app.state.sessionmaker = make_sessionmaker(app.state.engine)
-        app.state.storage = LocalStorage(settings.storage_dir)
+        app.state.storage = open_storage(settings)
         removed = app.state.storage.remove_stale_temp_files(STALE_TEMP_SECONDS)
         if removed:
             log.info("removed %d temporary file(s) left by interrupted uploads", removed)

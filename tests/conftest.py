@@ -23,6 +23,7 @@ from app.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
 from app.services import keys
 from tests import services
+from tests.e2e.server import S3Server
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -42,6 +43,13 @@ def redis_url() -> Iterator[str]:
     Redis start their own (tests/e2e/server.py RedisServer)."""
     with services.redis_url() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's standalone S3 server on a free port, for the session (tests use prefixes of their own)."""
+    with S3Server() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,14 @@ from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.jobs.broker import JobDispatcher
 from app.ml.registry import BaseModelRegistry
-from app.storage import LocalStorage
+from app.storage import Storage, open_storage
 
 
 @dataclass
 class WorkerContext:
     settings: Settings
     sessionmaker: sessionmaker[Session]
-    storage: LocalStorage
+    storage: Storage
     registry: BaseModelRegistry
     dispatcher: JobDispatcher
 
@@ -27,7 +27,7 @@ def build_context(settings: Settings) -> WorkerContext:
     return WorkerContext(
         settings=settings,
         sessionmaker=make_sessionmaker(make_engine(settings.database_url_resolved)),
-        storage=LocalStorage(settings.storage_dir),
+        storage=open_storage(settings),
         registry=BaseModelRegistry(settings),
         dispatcher=JobDispatcher(settings),
     )

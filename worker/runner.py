@@ -214,12 +214,12 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         memory_at_start = start_memory_accounting()
         result = train(
             spec,
-            storage.local_path(file_key(job.training_file)),
-            storage.local_path(file_key(job.validation_file)) if job.validation_file else None,
+            storage.local_file(file_key(job.training_file)),
+            storage.local_file(file_key(job.validation_file)) if job.validation_file else None,
             base,
             work_dir,
             JobCallbacks(ctx, claim, heartbeat, model_name),
-            resume_from=storage.local_path(resume.storage_key) if resume else None,
+            resume_from=storage.local_dir(resume.storage_key) if resume else None,
             init_adapter=init_adapter,
         )
         if result.stopped == "pause":
@@ -253,7 +253,7 @@ def _continue_from(ctx: WorkerContext, job: Job, parent_model: str) -> tuple[dic
     if parent is None:
         message = f"The model {parent_model} this job continues from was deleted."
         raise TrainingError("model_not_found", message, param="model")
-    adapter = ctx.storage.local_path(parent.storage_key)
+    adapter = ctx.storage.local_dir(parent.storage_key)
     return {**job.options, **lora_shape(read_adapter_config(adapter))}, adapter
 
 

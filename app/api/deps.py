@@ -20,7 +20,7 @@ from app.ml.registry import BaseModelRegistry
 from app.services import keys
 from app.services.completions import Serving
 from app.services.keys import CurrentProject
-from app.storage import LocalStorage
+from app.storage import Storage
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `tuneserve keys create`.")
 
@@ -29,7 +29,7 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_storage(request: Request) -> LocalStorage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
@@ -48,7 +48,7 @@ def get_session(request: Request) -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 RegistryDep = Annotated[BaseModelRegistry, Depends(get_registry)]
 SessionmakerDep = Annotated[sessionmaker[Session], Depends(get_sessionmaker)]
 

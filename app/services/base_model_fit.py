@@ -20,7 +20,7 @@ from app.ml.base_model import load_tokenizer
 from app.ml.chat import ChatTemplateError, check_chat_support
 from app.ml.modules import linear_module_names, short_names, unmatched_targets
 from app.ml.registry import BaseModelInfo
-from app.storage import LocalStorage
+from app.storage import Storage
 from app.tables import File
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def _tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(name_or_path)
 
 
-def check_conversations_fit(storage: LocalStorage, base: BaseModelInfo, files: list[tuple[File, str]]) -> None:
+def check_conversations_fit(storage: Storage, base: BaseModelInfo, files: list[tuple[File, str]]) -> None:
     """Raise InvalidRequest (param: the file's) for the first conversation `base`'s template cannot render."""
     chat_files = [(row, param) for row, param in files if row.format == "chat"]
     if not chat_files:
@@ -104,11 +104,12 @@ def _shape(example: dict[str, Any]) -> tuple:
     return messages, bool(example.get("tools"))
 
 
-def _examples(storage: LocalStorage, row: File, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _examples(storage: Storage, row: File, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, example) of a validated JSONL file."""
-    path = storage.local_path(file_key(row.id))
-    if not path.is_file():  # deleted meanwhile (SQLite takes no row lock to stop that)
-        raise InvalidRequest(f"File {row.id} does not exist.", param=param, code="file_not_found")
+    try:
+        path = storage.local_file(file_key(row.id))
+    except FileNotFoundError:  # deleted meanwhile (SQLite takes no row lock to stop that)
+        raise InvalidRequest(f"File {row.id} does not exist.", param=param, code="file_not_found") from None
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if line.strip():

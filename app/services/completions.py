@@ -18,7 +18,7 @@ from app.schemas.completions import ChatCompletionRequest, ChatMessage, Completi
 from app.services import models
 from app.services.keys import CurrentProject
 from app.services.rate_limits import RateLimiter
-from app.storage import LocalStorage
+from app.storage import Storage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -130,7 +130,7 @@ class Serving:
     session: Session
     project: CurrentProject
     registry: BaseModelRegistry
-    storage: LocalStorage
+    storage: Storage
     engine: InferenceEngine
     settings: Settings
     limiter: RateLimiter

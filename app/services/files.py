@@ -15,7 +15,7 @@ from app.jobs.status import TERMINAL
 from app.jobs.storage_keys import file_key
 from app.services.keys import CurrentProject
 from app.services.pagination import Page, keyset_page
-from app.storage import LocalStorage
+from app.storage import Storage
 from app.tables import File, Job
 
 UPLOAD_PURPOSES = frozenset({"fine-tune", "batch", "assistants", "vision", "user_data", "evals"})
@@ -33,7 +33,7 @@ class FileUpload:
     """Receives one file's bytes as they arrive: writes them to storage, hashes them and validates them in the
     same pass, and refuses to grow past the byte cap."""
 
-    def __init__(self, storage: LocalStorage, max_bytes: int):
+    def __init__(self, storage: Storage, max_bytes: int):
         self.id = ids.file_id()
         self._writer = storage.writer(file_key(self.id))
         self._max_bytes = max_bytes
@@ -80,7 +80,7 @@ def check_purpose(purpose: str | None) -> str:
 
 def store_upload(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     project: CurrentProject,
     upload: FileUpload,
     purpose: str,
@@ -147,11 +147,11 @@ def list_files(
     return keyset_page(session, query, File.seq, after=after_seq, limit=limit, descending=order == "desc")
 
 
-def file_content(storage: LocalStorage, row: File) -> Iterator[bytes]:
+def file_content(storage: Storage, row: File) -> Iterator[bytes]:
     return storage.iter_chunks(file_key(row.id))
 
 
-def delete_file(session: Session, storage: LocalStorage, project: CurrentProject, file_id: str) -> str:
+def delete_file(session: Session, storage: Storage, project: CurrentProject, file_id: str) -> str:
     """Delete a file no unfinished job needs (409 naming the job otherwise: a queued or paused job would fail
     later for want of it). Files of finished jobs may go; the job keeps their ids, as OpenAI's do."""
     row = get_file(session, project, file_id, lock=True)

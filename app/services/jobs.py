@@ -28,7 +28,7 @@ from app.services.base_model_fit import check_conversations_fit, check_lora_fits
 from app.services.files import get_file
 from app.services.keys import CurrentProject
 from app.services.pagination import Page, keyset_page
-from app.storage import LocalStorage
+from app.storage import Storage
 from app.tables import File, Job, JobCheckpoint, JobEvent
 
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -143,7 +143,7 @@ def create_job(
     session: Session,
     project: CurrentProject,
     registry: BaseModelRegistry,
-    storage: LocalStorage,
+    storage: Storage,
     request: CreateJobRequest,
     *,
     max_lora_rank: int,

@@ -19,7 +19,7 @@ from app.ml.adapter_files import adapter_tar as adapter_tar_stream
 from app.ml.registry import BaseModelRegistry
 from app.model_lookup import find_fine_tuned_model, job_fine_tuned_models, project_fine_tuned_models
 from app.services.keys import CurrentProject
-from app.storage import LocalStorage
+from app.storage import Storage
 from app.tables import FineTunedModel
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def get_model(session: Session, project: CurrentProject, registry: BaseModelRegi
 
 def delete_model(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     registry: BaseModelRegistry,
     project: CurrentProject,
     model: str,
@@ -91,14 +91,17 @@ def delete_model(
     return model
 
 
-def adapter_dir(storage: LocalStorage, info: ModelInfo) -> Path:
+def adapter_dir(storage: Storage, info: ModelInfo) -> Path:
     if info.adapter_key is None:
         raise NotFound(
             f"The model '{info.id}' is a base model; it has no adapter.", param="model", code="not_a_fine_tuned_model"
         )
-    return storage.local_path(info.adapter_key)
+    try:
+        return storage.local_dir(info.adapter_key)
+    except FileNotFoundError:
+        raise NotFound(f"The files of model '{info.id}' are missing", param="model", code="model_not_found") from None
 
 
-def adapter_tar(storage: LocalStorage, info: ModelInfo) -> Iterator[bytes]:
+def adapter_tar(storage: Storage, info: ModelInfo) -> Iterator[bytes]:
     """The adapter as an uncompressed tar of its config and weights, streamed (see `app.ml.adapter_files`)."""
     return adapter_tar_stream(adapter_dir(storage, info))

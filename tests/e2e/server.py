@@ -147,3 +147,57 @@ class RedisServer:
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+class S3Server:
+    """A real S3-compatible HTTP server (moto's standalone server) on a free port, with one bucket, and the
+    standard AWS variables that point boto3 (and so tuneserve) at it."""
+
+    BUCKET = "tuneserve-test"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def __enter__(self) -> S3Server:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.client().create_bucket(Bucket=self.BUCKET)
+                return self
+            except Exception:
+                time.sleep(0.1)
+        raise RuntimeError("moto's S3 server did not start")
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        )
+
+    def objects(self, prefix: str = "") -> list[str]:
+        listed = self.client().list_objects_v2(Bucket=self.BUCKET, Prefix=prefix)
+        return [item["Key"] for item in listed.get("Contents", [])]
+
+    def multipart_uploads(self) -> list[dict]:
+        return self.client().list_multipart_uploads(Bucket=self.BUCKET).get("Uploads", [])
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)

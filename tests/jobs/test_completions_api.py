@@ -32,7 +32,7 @@ def adapter_path(ctx, model: str, checkpoint_step: int | None = None):
                     JobCheckpoint.job_id == published.job_id, JobCheckpoint.step_number == checkpoint_step
                 )
             )
-    return ctx.storage.local_path(key)
+    return ctx.storage.local_dir(key)
 
 
 def peft_greedy(ctx, adapter, messages: list[dict], max_tokens: int) -> str:

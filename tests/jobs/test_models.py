@@ -88,7 +88,7 @@ def test_deleting_a_model_takes_its_checkpoint_models_and_a_checkpoint_model_goe
         assert client.get(f"/v1/models/{gone}/adapter").status_code == 404, gone
         assert served(gone) == 404, gone
         assert client.delete(f"/v1/models/{gone}").status_code == 404, gone
-        assert not ctx.storage.local_path(keys[gone]).exists(), gone
+        assert not ctx.storage.dir_exists(keys[gone]), gone
 
 
 def test_another_projects_models_are_404(app_client, fine_tuned, beta_key):

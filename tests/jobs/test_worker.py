@@ -78,7 +78,7 @@ def test_a_job_runs_to_a_published_model(client, ctx, sessionmaker, create_job, 
     with sessionmaker() as session:
         models = {m.id: m for m in session.scalars(select(FineTunedModel))}
     assert set(models) == {job["fine_tuned_model"], *(c["fine_tuned_model_checkpoint"] for c in checkpoints)}
-    adapter_dir = ctx.storage.local_path(models[job["fine_tuned_model"]].storage_key)
+    adapter_dir = ctx.storage.local_dir(models[job["fine_tuned_model"]].storage_key)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] and (adapter_dir / "adapter_model.safetensors").is_file()
     work = settings.data_dir / "work" / job_id
@@ -131,7 +131,7 @@ def test_a_stale_worker_can_write_nothing(ctx, sessionmaker, create_job, setting
         published = session.scalar(
             select(FineTunedModel).where(FineTunedModel.job_id == job_id, FineTunedModel.step_number.is_(None))
         )
-    adapter_dir = ctx.storage.local_path(published.storage_key)
+    adapter_dir = ctx.storage.local_dir(published.storage_key)
     heartbeat = Heartbeat(ctx, stale)  # not started: the callbacks only read and set its fields
     callbacks = JobCallbacks(ctx, stale, heartbeat, published.id)
     callbacks.on_metrics({"step": 10, "train_loss": 1.0, "train_mean_token_accuracy": 0.5})
@@ -309,8 +309,8 @@ def test_continuing_from_a_fine_tuned_model_starts_from_its_adapter(client, ctx,
     with sessionmaker() as session:
         keys = dict(session.execute(select(FineTunedModel.id, FineTunedModel.storage_key)
                                     .where(FineTunedModel.step_number.is_(None))).all())  # fmt: skip
-    before = load_file(ctx.storage.local_path(keys[parent]) / "adapter_model.safetensors")
-    after = load_file(ctx.storage.local_path(keys[child["fine_tuned_model"]]) / "adapter_model.safetensors")
+    before = load_file(ctx.storage.local_dir(keys[parent]) / "adapter_model.safetensors")
+    after = load_file(ctx.storage.local_dir(keys[child["fine_tuned_model"]]) / "adapter_model.safetensors")
     assert before.keys() == after.keys()
     lora_b = [k for k in before if "lora_B" in k]
     assert lora_b and any(before[k].abs().max() > 0 for k in lora_b)  # the parent learned something

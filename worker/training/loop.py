@@ -211,8 +211,12 @@ def train(
     output_dir = Path(output_dir)
     if isinstance(base_model, BaseModelInfo):
         name_or_path, context_length = base_model.name_or_path, base_model.context_length
+        # Adapters name their base by its registry name, not this machine's path to it: they are served by
+        # other machines, whose data directories differ.
+        recorded_base = base_model.name
     else:
         name_or_path, context_length = str(base_model), None
+        recorded_base = name_or_path
     if context_length and spec.max_seq_length > context_length:
         raise TrainingError(
             "max_seq_length_too_long",
@@ -235,6 +239,7 @@ def train(
 
     _seed_everything(spec.seed)
     model = build_lora_model(load_base_model(name_or_path, device, dtype), spec)
+    model.peft_config["default"].base_model_name_or_path = recorded_base
     if init_adapter is not None:
         load_adapter_weights(model, init_adapter)
     model.train()

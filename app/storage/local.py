@@ -1,5 +1,5 @@
-"""Blob storage under the data dir. Writes go to a temporary name and are renamed into place only when
-complete, so a reader never sees a partial blob and an aborted upload leaves nothing behind."""
+"""Blob storage in a local directory (the embedded default). Writes go to a temporary name and are renamed into
+place only when complete, so a reader never sees a partial blob and an aborted upload leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -61,9 +61,22 @@ class LocalStorage:
             while chunk := f.read(chunk_size):
                 yield chunk
 
-    def local_path(self, key: str) -> Path:
-        """A path the worker can read directly (local storage only)."""
-        return self._path(key)
+    def local_file(self, key: str) -> Path:
+        """The blob as a local file: here, where it is stored."""
+        path = self._path(key)
+        if not path.is_file():
+            raise FileNotFoundError(key)
+        return path
+
+    def local_dir(self, key: str) -> Path:
+        """A directory put with `put_dir`, as a local directory: here, where it is stored."""
+        path = self._path(key)
+        if not path.is_dir():
+            raise FileNotFoundError(key)
+        return path
+
+    def dir_exists(self, key: str) -> bool:
+        return self._path(key).is_dir()
 
     def put_dir(self, key: str, source: Path) -> None:
         """Copy a directory in under `key`, complete or not at all."""
