@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from anyio import to_thread
+from anyio import CancelScope, to_thread
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -109,6 +109,13 @@ class _FormState:
         self._file = None
 
 
+async def abort_upload(upload: FileUpload) -> None:
+    """Throw an upload away off the event loop (object storage answers over the network), and to the end even
+    when the request is being cancelled (a client that left)."""
+    with CancelScope(shield=True):
+        await to_thread.run_sync(upload.abort)
+
+
 async def receive_upload(
     request: Request, *, max_file_bytes: int, open_upload: Callable[[], FileUpload], file_field: str = "file"
 ) -> ReceivedForm:
@@ -148,7 +155,7 @@ async def receive_upload(
     except BaseException as exc:
         # Disconnects, caps, bad input or a full disk: whatever stops the upload, nothing of it stays.
         if state.upload:
-            state.upload.abort()
+            await abort_upload(state.upload)
         if isinstance(exc, MultipartParseError):
             raise InvalidRequest(f"Malformed multipart body: {exc}", param="file") from exc
         raise

@@ -106,11 +106,20 @@ def _shape(example: dict[str, Any]) -> tuple:
 
 def _examples(storage: Storage, row: File, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, example) of a validated JSONL file."""
+    # Streamed, not fetched whole: with object storage the API has no use for a local copy of training data.
+    chunks = storage.iter_chunks(file_key(row.id))
     try:
-        path = storage.local_file(file_key(row.id))
-    except FileNotFoundError:  # deleted meanwhile (SQLite takes no row lock to stop that)
-        raise InvalidRequest(f"File {row.id} does not exist.", param=param, code="file_not_found") from None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+        for number, line in enumerate(_lines(chunks), start=1):
             if line.strip():
                 yield number, json.loads(line)
+    except FileNotFoundError:  # deleted meanwhile (SQLite takes no row lock to stop that)
+        raise InvalidRequest(f"File {row.id} does not exist.", param=param, code="file_not_found") from None
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for chunk in chunks:
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from lines
+    if rest:
+        yield rest

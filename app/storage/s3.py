@@ -155,14 +155,15 @@ class S3Storage:
         def fetch(path: Path) -> None:
             try:
                 raw = self._client.get_object(Bucket=self._bucket, Key=f"{base}/{MANIFEST}")["Body"].read()
+                path.mkdir()
+                for name in json.loads(raw)["files"]:
+                    target = path / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    self._client.download_file(self._bucket, f"{base}/{name}", str(target))
             except ClientError as exc:
-                if _missing(exc):
+                if _missing(exc):  # deleted before or while it was fetched
                     raise FileNotFoundError(key) from exc
                 raise
-            for name in json.loads(raw)["files"]:
-                target = path / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self._client.download_file(self._bucket, f"{base}/{name}", str(target))
 
         return self._cache.get(key, fetch)
 
@@ -181,15 +182,21 @@ class S3Storage:
         self._cache.evict(key)
 
     def remove_stale_temp_files(self, older_than_seconds: float) -> int:
-        """Abort multipart uploads that a killed writer left (their parts cost storage and never show)."""
+        """Abort multipart uploads that a killed writer left (their parts cost storage and never show): those
+        with no part written for `older_than_seconds`. A slow upload that is still sending parts is left alone,
+        however long ago it started."""
         cutoff = datetime.fromtimestamp(time.time() - older_than_seconds, tz=UTC)
         removed = 0
         paginator = self._client.get_paginator("list_multipart_uploads")
         for page in paginator.paginate(Bucket=self._bucket, Prefix=self._prefix):
             for upload in page.get("Uploads", []):
-                if upload["Initiated"] < cutoff:
+                if upload["Initiated"] < cutoff and self._last_part_written(upload) < cutoff:
                     self._client.abort_multipart_upload(
                         Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                     )
                     removed += 1
         return removed
+
+    def _last_part_written(self, upload: dict[str, Any]) -> datetime:
+        listed = self._client.list_parts(Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        return max((part["LastModified"] for part in listed.get("Parts", [])), default=upload["Initiated"])

@@ -56,10 +56,15 @@ def adapter_tensors(adapter_dir):
     return load_file(adapter_dir / "adapter_model.safetensors")
 
 
-def test_run_produces_a_loadable_adapter_metrics_and_checkpoints(tiny, files, tmp_path):
+def test_run_produces_a_loadable_adapter_metrics_and_checkpoints(tiny, files, tmp_path, monkeypatch):
     from peft import PeftModel
+    from peft.utils import save_and_load
     from transformers import AutoModelForCausalLM
 
+    def no_hub(*args, **kwargs):
+        raise AssertionError("saving an adapter asked the Hub about its base model")
+
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_hub)
     spec = small_spec(tiny)
     cb = Recorder()
     result = train(spec, files[0], files[1], tiny, tmp_path, cb)

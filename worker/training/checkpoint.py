@@ -40,6 +40,13 @@ def write_atomically(target: Path, write: Callable[[Path], object]) -> Path:
     return target
 
 
+def save_adapter(model: PeftModel, directory: Path) -> None:
+    """The LoRA weights and config, as PEFT loads them and serving accepts them."""
+    # The config names the base by its registry name, which is no local path: PEFT's default ("auto") would ask
+    # the Hub whether that model's embeddings were resized (a network call on every save). They never are.
+    model.save_pretrained(str(directory), save_embedding_layers=False)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -49,7 +56,7 @@ def save_checkpoint(
     progress: dict[str, Any],
 ) -> Path:
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        save_adapter(model, tmp)
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),

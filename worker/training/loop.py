@@ -28,7 +28,13 @@ from app.ml.device import autocast_dtype, pick_device
 from app.ml.registry import BaseModelInfo
 from worker.training.attention import PACKED_FLASH_ATTENTION, SEGMENT_ATTENTION, flash_attention_available
 from worker.training.callbacks import StopRequest, TrainingCallbacks
-from worker.training.checkpoint import load_adapter_weights, load_checkpoint, save_checkpoint, write_atomically
+from worker.training.checkpoint import (
+    load_adapter_weights,
+    load_checkpoint,
+    save_adapter,
+    save_checkpoint,
+    write_atomically,
+)
 from worker.training.data import TokenizedDataset, TokenizedExample, load_dataset
 from worker.training.errors import TrainingError
 from worker.training.loss import loss_sums
@@ -358,7 +364,7 @@ def train(
         if step_no in checkpoint_steps:
             checkpoint(step_no)
 
-    adapter_dir = write_atomically(output_dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
+    adapter_dir = write_atomically(output_dir / "adapter", lambda tmp: save_adapter(model, tmp))
     return result(None, adapter_dir, total_steps)
 
 

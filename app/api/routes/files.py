@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ProjectDep, SessionDep, SettingsDep, StorageDep, release_connection
-from app.api.uploads import receive_upload
+from app.api.uploads import abort_upload, receive_upload
 from app.schemas.errors import ERROR_RESPONSES
 from app.schemas.files import FileDeleted, FileList, FileObject
 from app.services import files
@@ -48,7 +48,7 @@ async def create_file(
     try:
         purpose = files.check_purpose(form.fields.get("purpose"))
     except BaseException:
-        form.upload.abort()
+        await abort_upload(form.upload)
         raise
     row = await run_in_threadpool(files.store_upload, session, storage, project, form.upload, purpose, form.filename)
     return FileObject.of(row)
