@@ -22,7 +22,7 @@ from app.jobs.broker import JobDispatcher
 from app.jobs.reconcile import reconcile
 from app.ml.registry import BaseModelRegistry
 from app.services.rate_limits import RateLimiter
-from app.storage import open_storage
+from app.storage import StorageUnavailable, open_storage
 
 log = logging.getLogger(__name__)
 # Temporary upload files untouched this long belong to a writer that died (any live upload writes more often).
@@ -51,9 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.sessionmaker = make_sessionmaker(app.state.engine)
         app.state.storage = open_storage(settings)
-        removed = app.state.storage.remove_stale_temp_files(STALE_TEMP_SECONDS)
-        if removed:
-            log.info("removed %d temporary file(s) left by interrupted uploads", removed)
+        try:
+            removed = app.state.storage.remove_stale_temp_files(STALE_TEMP_SECONDS)
+            if removed:
+                log.info("removed %d temporary file(s) left by interrupted uploads", removed)
+        except StorageUnavailable:  # the store is down now: serve what needs no blob; the next start cleans up
+            log.warning("start-up clean-up of interrupted uploads skipped: blob storage is not answering")
         app.state.registry = BaseModelRegistry(settings)
         app.state.dispatcher = JobDispatcher(settings)
         app.state.rate_limiter = RateLimiter(

@@ -26,6 +26,7 @@ from app.jobs.storage_keys import checkpoint_key, file_key
 from app.ml.adapter_files import lora_shape, read_adapter_config
 from app.ml.device import peak_memory_bytes, release_memory, start_memory_accounting
 from app.model_lookup import find_fine_tuned_model
+from app.storage import StorageUnavailable
 from app.tables import File, FineTunedModel, Job, JobCheckpoint, Project
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
@@ -234,10 +235,11 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         _fail(ctx, claim, exc.code, exc.message, exc.param)
     except torch.OutOfMemoryError:
         _fail(ctx, claim, "out_of_memory", "Training ran out of memory; lower batch_size or max_seq_length.")
-    except (LeaseLost, DBAPIError) as exc:
+    except (LeaseLost, DBAPIError, StorageUnavailable) as exc:
         if isinstance(exc, IntegrityError):
             raise
-        # Lost the job or the database: the lease expires and the reconciler re-drives the job.
+        # Lost the job, the database or the blob store: the lease expires and the reconciler re-drives the job
+        # (up to its attempt limit), which resumes from its last checkpoint.
         log.warning("job %s attempt %s stopped: %s", claim.job_id, claim.attempt, exc)
         raise LeaseLost(claim.job_id) from exc
     except Exception as exc:

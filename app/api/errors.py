@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from app.api.request_id import current_request_id
 from app.errors import InvalidRequest, NotFound, ServiceUnavailable, TuneserveError
+from app.storage import StorageUnavailable
 
 log = logging.getLogger("tuneserve.api")
 # What proxies log for a request its client abandoned; never seen by that client.
@@ -75,6 +76,12 @@ def install_error_handlers(app: FastAPI) -> None:
         # started is already undone; nobody is left to read an answer.
         log.info("client disconnected during %s %s", request.method, request.url.path)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    @app.exception_handler(StorageUnavailable)
+    async def _storage_unavailable(_request: Request, exc: StorageUnavailable) -> JSONResponse:
+        log.warning("blob storage unavailable: %s", exc)
+        error = ServiceUnavailable("Blob storage is not answering. Retry shortly.", code="storage_unavailable")
+        return error_response(error)
 
     @app.exception_handler(PoolTimeout)
     async def _pool_exhausted(_request: Request, _exc: PoolTimeout) -> JSONResponse:

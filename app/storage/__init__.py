@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from app.config import Settings
+from app.storage.errors import StorageUnavailable
 from app.storage.local import LocalStorage
 
 
@@ -60,4 +61,4 @@ def open_storage(settings: Settings) -> Storage:
     return LocalStorage(settings.storage_dir)
 
 
-__all__ = ["BlobWriter", "LocalStorage", "Storage", "open_storage"]
+__all__ = ["BlobWriter", "LocalStorage", "Storage", "StorageUnavailable", "open_storage"]

@@ -13,6 +13,7 @@ from sqlalchemy import func, select, update
 
 from app.db import session_scope
 from app.jobs.reconcile import reconcile
+from app.storage import StorageUnavailable
 from app.tables import File, FineTunedModel, Job, JobCheckpoint, JobEvent
 from tests.jobs.conftest import event_messages, job_row, wait_for
 from worker.heartbeat import Heartbeat
@@ -173,6 +174,21 @@ def database_snapshot(sessionmaker) -> dict:
 
 def storage_snapshot(ctx) -> list[str]:
     return sorted(str(p.relative_to(ctx.storage.root)) for p in ctx.storage.root.rglob("*") if p.is_file())
+
+
+def test_a_blob_store_that_does_not_answer_re_drives_the_job_instead_of_failing_it(
+    client, ctx, sessionmaker, create_job, monkeypatch
+):
+    job_id = create_job()
+
+    def store_down(key, source):
+        raise StorageUnavailable(f"object storage failed on {key}: Could not connect to the endpoint URL")
+
+    monkeypatch.setattr(ctx.storage, "put_dir", store_down)  # publishing the adapter, at the end
+    assert run_job(ctx, job_id) == "lost"
+    job = job_row(sessionmaker, job_id)
+    assert job.status == "running" and job.error is None  # its lease runs out and the reconciler re-drives it
+    assert count(sessionmaker, FineTunedModel) == 0
 
 
 def test_gives_up_after_max_attempts(sessionmaker, create_job, settings, client):
