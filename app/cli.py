@@ -9,7 +9,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from app.config import Settings, SettingsError, get_settings
 from app.supervisor import SupervisedProcess
@@ -73,7 +73,9 @@ def cmd_validate(_settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+def _serve(
+    settings: Settings, on_ready: Callable[[], None] | None = None, role: Literal["api", "inference"] = "api"
+) -> None:
     """Run the API until stopped; `on_ready` is called once it answers requests (/readyz included)."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
@@ -89,7 +91,7 @@ def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> No
                 on_ready()
 
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, role=role),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -107,6 +109,16 @@ def _serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> No
 
 def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
     _serve(settings)
+    return 0
+
+
+def cmd_inference(settings: Settings, _args: argparse.Namespace) -> int:
+    """An inference replica: the inference routes on this machine's accelerator, for requests its API forwards."""
+    if not settings.internal_token or settings.inference != "on":
+        message = "tuneserve: an inference replica needs TUNESERVE_INTERNAL_TOKEN (the API's) and inference on"
+        print(message, file=sys.stderr)
+        return 2
+    _serve(settings, role="inference")
     return 0
 
 
@@ -159,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="migrate, then run the API and one worker (embedded default)").set_defaults(fn=cmd_up)
     sub.add_parser("serve", help="run the API only").set_defaults(fn=cmd_serve)
+    sub.add_parser("inference", help="run an inference replica for an API").set_defaults(fn=cmd_inference)
     sub.add_parser("worker", help="run a Celery training worker").set_defaults(fn=cmd_worker)
     sub.add_parser("migrate", help="upgrade the database to the latest revision").set_defaults(fn=cmd_migrate)
     keys = sub.add_parser("keys", help="manage API keys")

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     storage_cache_bytes: int = Field(default=20 * 1024**3, gt=0)
     base_models: dict[str, str] = Field(default_factory=dict)
     inference: Literal["on", "off"] = "on"
+    # Inference replicas (`tuneserve inference`, each on its own GPU) that this API forwards /v1/completions and
+    # /v1/chat/completions to, a model always to the same one while the list is unchanged (app/api/replicas.py).
+    # Empty: inference runs in this process, as `inference` says.
+    inference_replicas: list[str] = Field(default_factory=list)
+    # Shared by the API and its replicas: a replica answers only requests that carry it (the API authenticated
+    # the caller and names the project).
+    internal_token: str | None = Field(default=None, min_length=16, validate_default=True)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_seconds: int = Field(default=30, ge=0)  # for in-flight requests after SIGTERM
 
@@ -69,6 +76,13 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
     max_job_attempts: int = Field(default=3, ge=1)
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=24 * 3600)
+
+    @field_validator("internal_token")
+    @classmethod
+    def _replicas_need_a_token(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("inference_replicas") and not value:
+            raise ValueError("is required with TUNESERVE_INFERENCE_REPLICAS (the replicas answer only the API)")
+        return value
 
     @field_validator("job_heartbeat_seconds")
     @classmethod

@@ -6,15 +6,18 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.deps import current_project, forwarded_project
 from app.api.errors import install_error_handlers
 from app.api.idempotency import install_replay_handler
 from app.api.json_bodies import install_json_body_guard
+from app.api.replicas import ReplicaPool
 from app.api.request_id import install_request_ids
-from app.api.routes import completions, files, fine_tuning, health, models
+from app.api.routes import completions, files, fine_tuning, forwarding, health, models
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.inference import InferenceEngine
@@ -36,8 +39,12 @@ def _reconcile_once(factory: sessionmaker[Session], dispatcher: JobDispatcher, s
         log.warning("start-up reconciliation skipped: the database is not reachable", exc_info=True)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, role: Literal["api", "inference"] = "api") -> FastAPI:
+    """The API (`tuneserve serve`: every route; inference in this process, or forwarded to
+    `settings.inference_replicas`), or an inference replica (`tuneserve inference`: the inference routes, for
+    requests the API forwards)."""
     settings = settings or get_settings()
+    forwards = role == "api" and bool(settings.inference_replicas)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,8 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rate_limiter = RateLimiter(
             settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute
         )
+        app.state.replicas = None
+        if forwards:
+            assert settings.internal_token is not None  # Settings refuses replicas without one
+            app.state.replicas = ReplicaPool(settings.inference_replicas, settings.internal_token)
         app.state.inference = None
-        if settings.inference == "on":
+        if settings.inference == "on" and not forwards:
             app.state.inference = InferenceEngine(
                 app.state.registry,
                 max_batch_size=settings.max_batch_size,
@@ -82,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reconciling.join(timeout=10)  # it uses the engine disposed below
         if app.state.inference is not None:
             app.state.inference.stop()
+        if app.state.replicas is not None:
+            await app.state.replicas.close()
         app.state.dispatcher.close()
         app.state.engine.dispose()
 
@@ -92,8 +105,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_json_body_guard(app, max_bytes=settings.max_json_body_bytes, max_depth=settings.max_json_depth)
     install_request_ids(app)  # outermost: its id is on every answer, the guard's refusals included
     app.include_router(health.router)
+    if role == "inference":
+        app.dependency_overrides[current_project] = forwarded_project
+        app.include_router(completions.router)
+        return app
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(models.router)
-    app.include_router(completions.router)
+    app.include_router(forwarding.router if forwards else completions.router)
     return app

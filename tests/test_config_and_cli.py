@@ -61,6 +61,11 @@ def test_cli_reports_invalid_setting_and_exits_2(tmp_path):
     assert "TUNESERVE_PORT" in result.stderr
 
 
+def test_an_inference_replica_needs_the_internal_token(tmp_path):
+    result = run_cli("inference", data_dir=tmp_path)
+    assert result.returncode == 2 and "TUNESERVE_INTERNAL_TOKEN" in result.stderr
+
+
 def test_keys_create_list_revoke(tmp_path):
     assert run_cli("migrate", data_dir=tmp_path).returncode == 0
     created = run_cli("keys", "create", "--project", "team-a", data_dir=tmp_path)

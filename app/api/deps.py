@@ -5,6 +5,7 @@ GIL hand-off) each, and under load those hops queue behind every other request's
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -12,8 +13,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.replicas import INTERNAL_TOKEN_HEADER, PROJECT_ID_HEADER, PROJECT_NAME_HEADER, ReplicaPool
 from app.config import Settings
-from app.errors import ServiceUnavailable
+from app.errors import AuthenticationFailed, ServiceUnavailable
 from app.inference import InferenceEngine
 from app.jobs.broker import JobDispatcher
 from app.ml.registry import BaseModelRegistry
@@ -69,6 +71,27 @@ def release_connection(session: Session) -> None:
 
 
 ProjectDep = Annotated[CurrentProject, Depends(current_project)]
+
+
+async def forwarded_project(request: Request) -> CurrentProject:
+    """On an inference replica, in place of `current_project`: the project the API authenticated, named by the
+    API in headers that only requests carrying the shared internal token are believed for."""
+    expected = request.app.state.settings.internal_token
+    token = request.headers.get(INTERNAL_TOKEN_HEADER, "")
+    if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise AuthenticationFailed(
+            "This inference replica answers only its API (missing or wrong internal token).",
+            code="invalid_internal_token",
+        )
+    headers = request.headers
+    return CurrentProject(id=headers.get(PROJECT_ID_HEADER, ""), name=headers.get(PROJECT_NAME_HEADER, ""))
+
+
+async def get_replicas(request: Request) -> ReplicaPool:
+    return request.app.state.replicas
+
+
+ReplicasDep = Annotated[ReplicaPool, Depends(get_replicas)]
 
 
 async def get_dispatcher(request: Request) -> JobDispatcher:

@@ -27,9 +27,11 @@ def tuneserve_env(data_dir: Path, database_url: str, **extra: str) -> dict[str, 
 
 
 class LiveServer:
-    """`tuneserve serve` on a free port, stopped on exit; its output goes to a log file for failures."""
+    """`tuneserve serve` (or another serving command: `inference`) on a free port, stopped on exit; its output goes
+    to a log file for failures."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, command: str = "serve"):
+        self._command = command
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {**env, "TUNESERVE_PORT": str(self.port), "TUNESERVE_HOST": "127.0.0.1"}
@@ -39,7 +41,7 @@ class LiveServer:
     def __enter__(self) -> LiveServer:
         self._log = open(self._log_path, "wb")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
+            [sys.executable, "-m", "app.cli", self._command],
             env=self._env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -62,12 +64,18 @@ class LiveServer:
     def log(self) -> str:
         return self._log_path.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """SIGKILL, as a machine that dies."""
+        self._proc.kill()
+        self._proc.wait(timeout=20)
+
     def __exit__(self, *exc) -> None:
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
         self._log.close()
 
 
