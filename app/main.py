@@ -25,7 +25,7 @@ from app.jobs.broker import JobDispatcher
 from app.jobs.reconcile import reconcile
 from app.ml.registry import BaseModelRegistry
 from app.services.rate_limits import RateLimiter
-from app.storage import StorageUnavailable, open_storage
+from app.storage import Storage, StorageUnavailable, open_storage
 
 log = logging.getLogger(__name__)
 # Temporary upload files untouched this long belong to a writer that died (any live upload writes more often).
@@ -37,6 +37,15 @@ def _reconcile_once(factory: sessionmaker[Session], dispatcher: JobDispatcher, s
         reconcile(factory, dispatcher, settings)
     except Exception:  # a database that is down now: workers reconcile on their own schedule once it is back
         log.warning("start-up reconciliation skipped: the database is not reachable", exc_info=True)
+
+
+def _remove_interrupted_uploads(storage: Storage) -> None:
+    try:
+        removed = storage.remove_stale_temp_files(STALE_TEMP_SECONDS)
+        if removed:
+            log.info("removed %d temporary file(s) left by interrupted uploads", removed)
+    except StorageUnavailable:  # the store is down now: serve what needs no blob; the next start cleans up
+        log.warning("start-up clean-up of interrupted uploads skipped: blob storage is not answering")
 
 
 def create_app(settings: Settings | None = None, *, role: Literal["api", "inference"] = "api") -> FastAPI:
@@ -58,12 +67,8 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "infere
         )
         app.state.sessionmaker = make_sessionmaker(app.state.engine)
         app.state.storage = open_storage(settings)
-        try:
-            removed = app.state.storage.remove_stale_temp_files(STALE_TEMP_SECONDS)
-            if removed:
-                log.info("removed %d temporary file(s) left by interrupted uploads", removed)
-        except StorageUnavailable:  # the store is down now: serve what needs no blob; the next start cleans up
-            log.warning("start-up clean-up of interrupted uploads skipped: blob storage is not answering")
+        if role == "api":  # uploads and jobs are the API's; a replica only reads adapters
+            _remove_interrupted_uploads(app.state.storage)
         app.state.registry = BaseModelRegistry(settings)
         app.state.dispatcher = JobDispatcher(settings)
         app.state.rate_limiter = RateLimiter(
@@ -88,9 +93,11 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "infere
         reconciling = threading.Thread(
             target=_reconcile_once, args=(app.state.sessionmaker, app.state.dispatcher, settings), daemon=True
         )
-        reconciling.start()
+        if role == "api":
+            reconciling.start()
         yield
-        reconciling.join(timeout=10)  # it uses the engine disposed below
+        if reconciling.is_alive():
+            reconciling.join(timeout=10)  # it uses the engine disposed below
         if app.state.inference is not None:
             app.state.inference.stop()
         if app.state.replicas is not None:

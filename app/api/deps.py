@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 from typing import Annotated
+from urllib.parse import unquote
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -84,7 +85,7 @@ async def forwarded_project(request: Request) -> CurrentProject:
             code="invalid_internal_token",
         )
     headers = request.headers
-    return CurrentProject(id=headers.get(PROJECT_ID_HEADER, ""), name=headers.get(PROJECT_NAME_HEADER, ""))
+    return CurrentProject(id=headers.get(PROJECT_ID_HEADER, ""), name=unquote(headers.get(PROJECT_NAME_HEADER, "")))
 
 
 async def get_replicas(request: Request) -> ReplicaPool:

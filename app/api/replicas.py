@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
 
 import httpx
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from app.errors import ServiceUnavailable
 from app.services.keys import CurrentProject
@@ -27,6 +30,11 @@ REPLICA_HEADER = "x-tuneserve-replica"  # on answers: which replica served (for 
 RELAYED_HEADERS = ("content-type", "cache-control", "retry-after", "x-request-id")
 # An unreachable replica is not tried again for this long (its models go to the next replica meanwhile).
 DOWN_SECONDS = 10.0
+# What a stream says when its replica dies mid-answer, in the error envelope in-process streams use.
+REPLICA_LOST_EVENT = (
+    b'data: {"error":{"message":"The inference replica serving this request stopped answering.",'
+    b'"type":"server_error","param":null,"code":"replica_lost"}}\n\n'
+)
 MAX_CONNECTIONS = 2000  # relays in flight at once, over all replicas
 
 
@@ -65,7 +73,7 @@ class ReplicaPool:
             "content-type": "application/json",
             INTERNAL_TOKEN_HEADER: self._token,
             PROJECT_ID_HEADER: project.id,
-            PROJECT_NAME_HEADER: project.name,
+            PROJECT_NAME_HEADER: quote(project.name, safe=""),  # header values are ASCII; names need not be
         }
         if request_id:
             headers["x-request-id"] = request_id
@@ -82,22 +90,38 @@ class ReplicaPool:
             return self._relay(upstream, replica)
         raise ServiceUnavailable("No inference replica is reachable. Retry shortly.", code="inference_unavailable")
 
-    @staticmethod
-    def _relay(upstream: httpx.Response, replica: str) -> StreamingResponse:
+    def _relay(self, upstream: httpx.Response, replica: str) -> StreamingResponse:
         headers = {k: v for k, v in upstream.headers.items() if k in RELAYED_HEADERS or k.startswith("x-ratelimit-")}
         headers[REPLICA_HEADER] = replica
+        streamed = upstream.headers.get("content-type", "").startswith("text/event-stream")
 
         async def body() -> AsyncIterator[bytes]:
-            # Starlette stops iterating when the client disconnects; closing the upstream response then tells the
-            # replica, which stops the sequences.
             try:
                 async for chunk in upstream.aiter_raw():
                     yield chunk
-            finally:
-                await upstream.aclose()
+            except httpx.TransportError:  # the replica died mid-answer: the 200 is out, say it in the stream
+                self._down_until[replica] = time.monotonic() + DOWN_SECONDS
+                if streamed:
+                    yield REPLICA_LOST_EVENT
 
         media_type = upstream.headers.get("content-type")
-        return StreamingResponse(body(), status_code=upstream.status_code, headers=headers, media_type=media_type)
+        return _Relayed(upstream, body(), status_code=upstream.status_code, headers=headers, media_type=media_type)
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+class _Relayed(StreamingResponse):
+    """A replica's answer relayed; the upstream response is closed however the relay ends, even when Starlette
+    cancels it before the first chunk (a client that left while the replica was still answering). Closing it is
+    what tells the replica, which then stops the sequences."""
+
+    def __init__(self, upstream: httpx.Response, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._upstream.aclose()

@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES)
 def _model_named(body: bytes) -> str:
     try:
         model = json.loads(body).get("model")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         raise InvalidRequest("The body must be a JSON object.", param=None) from None
     if not isinstance(model, str) or not model:
         raise InvalidRequest("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
