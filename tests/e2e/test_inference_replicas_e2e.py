@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from app.api.replicas import rank
-from tests.e2e.conftest import Stack, wait_until
+from tests.e2e.conftest import Stack, make_key, wait_until
 from tests.e2e.server import LiveServer
 
 pytestmark = pytest.mark.slow
@@ -69,6 +69,11 @@ def test_models_stay_on_their_replica_fail_over_and_stream_through_the_api(pg_st
                 )
             with pytest.raises(openai.NotFoundError):
                 sdk.completions.create(model="ft:tuneserve-tiny:alpha::nope", prompt="hi", max_tokens=1)
+            # A project's name need not be ASCII (the API names it to the replica in a header).
+            accented = openai.OpenAI(
+                base_url=f"{api.url}/v1", api_key=make_key(stack.sessionmaker, "équipe"), max_retries=0
+            )
+            assert accented.completions.create(model="tuneserve-tiny", prompt="hi", max_tokens=1).choices
             # A replica answers nobody but the API.
             direct = httpx.post(
                 f"{first.url}/v1/completions", json={"model": "tuneserve-tiny", "prompt": "hi", "max_tokens": 1}
