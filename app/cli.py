@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from app.config import Settings, SettingsError, get_settings
+from app.config import ENV_PREFIX, Settings, SettingsError, get_settings
 from app.supervisor import SupervisedProcess
 
 if TYPE_CHECKING:  # the commands import the database modules only when they run
@@ -122,9 +123,22 @@ def cmd_inference(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from app.jobs.broker import TRAINING_QUEUE
     from worker.celery_app import celery_app
+
+    devices = settings.train_devices if args.devices is None else args.devices
+    if args.devices is not None:
+        # The worker reads its settings afresh (worker/context.py); the flag wins over the environment.
+        os.environ[f"{ENV_PREFIX}TRAIN_DEVICES"] = str(args.devices)
+        get_settings.cache_clear()
+    import torch
+
+    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+        print(
+            f"tuneserve: --devices {devices}, but this machine has {torch.cuda.device_count()} GPU(s)", file=sys.stderr
+        )
+        return 2
 
     celery_app.worker_main(
         ["worker", "--queues", TRAINING_QUEUE, "--pool", "solo", "--loglevel", settings.log_level.upper()]
@@ -166,13 +180,24 @@ def cmd_up(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneserve", description="Self-hosted LoRA fine-tuning service.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="migrate, then run the API and one worker (embedded default)").set_defaults(fn=cmd_up)
     sub.add_parser("serve", help="run the API only").set_defaults(fn=cmd_serve)
     sub.add_parser("inference", help="run an inference replica for an API").set_defaults(fn=cmd_inference)
-    sub.add_parser("worker", help="run a Celery training worker").set_defaults(fn=cmd_worker)
+    worker = sub.add_parser("worker", help="run a Celery training worker")
+    worker.add_argument(
+        "--devices", type=_positive, help="train each job data-parallel on this many devices (TUNESERVE_TRAIN_DEVICES)"
+    )
+    worker.set_defaults(fn=cmd_worker)
     sub.add_parser("migrate", help="upgrade the database to the latest revision").set_defaults(fn=cmd_migrate)
     keys = sub.add_parser("keys", help="manage API keys")
     keys.set_defaults(fn=cmd_keys)

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     job_redispatch_seconds: float = Field(default=30.0, gt=0)  # re-send a job left queued this long
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
     max_job_attempts: int = Field(default=3, ge=1)
+    # Devices one job trains on, data-parallel (worker/training/ranks.py): GPUs 0..N-1 of the worker's machine, or
+    # N processes sharing the CPU where there is no GPU. `tuneserve worker --devices N` sets it.
+    train_devices: int = Field(default=1, ge=1)
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=24 * 3600)
 
     @field_validator("internal_token")

@@ -37,6 +37,7 @@ def test_defaults(tmp_path):
         ("MAX_UPLOAD_BYTES", "-1"),
         ("INFERENCE", "maybe"),
         ("BASE_MODELS", "{"),
+        ("TRAIN_DEVICES", "0"),
     ],
 )
 def test_invalid_setting_is_one_line_naming_the_variable(monkeypatch, name, value):
@@ -64,6 +65,11 @@ def test_cli_reports_invalid_setting_and_exits_2(tmp_path):
 def test_an_inference_replica_needs_the_internal_token(tmp_path):
     result = run_cli("inference", data_dir=tmp_path)
     assert result.returncode == 2 and "TUNESERVE_INTERNAL_TOKEN" in result.stderr
+
+
+def test_a_worker_needs_at_least_one_device(tmp_path):
+    result = run_cli("worker", "--devices", "0", data_dir=tmp_path)
+    assert result.returncode == 2 and "--devices: must be at least 1, got 0" in result.stderr
 
 
 def test_keys_create_list_revoke(tmp_path):

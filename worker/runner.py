@@ -20,6 +20,7 @@ from app.db import session_scope
 from app.jobs import transitions
 from app.jobs.checkpoints import latest_checkpoint
 from app.jobs.events import add_event
+from app.jobs.reconcile import give_up, out_of_attempts
 from app.jobs.spec import resolve_spec
 from app.jobs.status import TERMINAL
 from app.jobs.storage_keys import checkpoint_key, file_key
@@ -34,7 +35,8 @@ from worker.leases import Claim, LeaseLost, claim_job, claimed_job, fenced_sessi
 from worker.publish import publish
 from worker.training.callbacks import StopRequest, TrainingCallbacks
 from worker.training.errors import TrainingError
-from worker.training.loop import TrainingResult, train
+from worker.training.loop import TrainingResult
+from worker.training.ranks import RankLost, train_on_devices
 
 log = logging.getLogger("tuneserve.runner")
 
@@ -213,7 +215,8 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
             claimed_job(session, claim).resolved_hyperparameters = spec.to_dict()
         memory_at_start = start_memory_accounting()
-        result = train(
+        result = train_on_devices(
+            ctx.settings.train_devices,
             spec,
             storage.local_file(file_key(job.training_file)),
             storage.local_file(file_key(job.validation_file)) if job.validation_file else None,
@@ -235,6 +238,9 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         _fail(ctx, claim, exc.code, exc.message, exc.param)
     except torch.OutOfMemoryError:
         _fail(ctx, claim, "out_of_memory", "Training ran out of memory; lower batch_size or max_seq_length.")
+    except RankLost as exc:
+        log.warning("job %s attempt %s: %s", claim.job_id, claim.attempt, exc)
+        return _requeue_lost_rank(ctx, claim, str(exc))
     except (LeaseLost, DBAPIError, StorageUnavailable) as exc:
         if isinstance(exc, IntegrityError):
             raise
@@ -262,6 +268,21 @@ def _continue_from(ctx: WorkerContext, job: Job, parent_model: str) -> tuple[dic
 def _fail(ctx: WorkerContext, claim: Claim, code: str, message: str, param: str | None = None) -> None:
     with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
         transitions.fail(session, claimed_job(session, claim), code, message, param)
+
+
+def _requeue_lost_rank(ctx: WorkerContext, claim: Claim, reason: str) -> str:
+    """A data-parallel rank died under this job: the job goes back to the queue now (not when its lease
+    expires) to resume from its last checkpoint, and counts as a lost worker towards its attempt limit."""
+    with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
+        job = claimed_job(session, claim)
+        if out_of_attempts(job, ctx.settings):
+            give_up(session, job)
+            return "failed"
+        transitions.requeue(
+            session, job, f"The job stopped: {reason}; re-queued to resume from its last checkpoint", worker_lost=True
+        )
+    ctx.dispatcher.send(claim.job_id)
+    return "requeued"
 
 
 def _release_paused(ctx: WorkerContext, claim: Claim, step: int) -> str:

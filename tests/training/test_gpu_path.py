@@ -26,6 +26,7 @@ from worker.training.attention import (
 )
 from worker.training.checkpoint import load_adapter_weights
 from worker.training.data import load_dataset
+from worker.training.devices import DeviceGroup, StepLoss
 from worker.training.loop import _autocast, _optimizer_step, build_lora_model, default_attention, load_base_model, train
 from worker.training.loss import loss_sums
 from worker.training.packing import collate_packed, collate_padded
@@ -104,8 +105,10 @@ def test_lora_weights_gradients_and_optimizer_state_stay_fp32_over_a_bf16_base(t
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     before = [p.detach().clone() for p in trainable]
     pad_id = tokenizer.pad_token_id
-    loss, _, n_tokens, _ = _optimizer_step(model, optimizer, scheduler, trainable, examples[:8], spec, pad_id, CPU)
-    assert loss == loss and n_tokens == sum(len(e) for e in examples[:8])
+    step = _optimizer_step(
+        StepLoss(model), DeviceGroup(CPU), optimizer, scheduler, trainable, examples[:8], spec, pad_id
+    )
+    assert step.loss == step.loss and step.n_tokens == sum(len(e) for e in examples[:8])
     assert any(not torch.equal(b, p) for b, p in zip(before, trainable, strict=True))
     states = [optimizer.state[p] for p in trainable]
     assert all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32 for s in states)

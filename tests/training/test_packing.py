@@ -9,6 +9,7 @@ from app.jobs.spec import resolve_spec
 from app.ml.synthetic import varied_length_chat
 from worker.training.attention import SEGMENT_ATTENTION
 from worker.training.data import tokenize_examples
+from worker.training.devices import DeviceGroup, StepLoss
 from worker.training.loop import accumulate_gradients, build_lora_model, load_base_model
 from worker.training.loss import loss_sums
 from worker.training.packing import (
@@ -177,8 +178,8 @@ def test_gradient_accumulation_8x1_equals_2x4(model, examples, packing):
 
     one, four = micro(8), micro(2)
     assert len(one) == 1 and len(four) > 1
-    g_one = lora_grads(model, lambda: accumulate_gradients(model, one, CPU))
-    g_four = lora_grads(model, lambda: accumulate_gradients(model, four, CPU))
+    g_one = lora_grads(model, lambda: accumulate_gradients(StepLoss(model), one, DeviceGroup(CPU)))
+    g_four = lora_grads(model, lambda: accumulate_gradients(StepLoss(model), four, DeviceGroup(CPU)))
     assert_grads_close(g_four, g_one)
 
     # Negative control: averaging per micro-batch (the old transformers bug) does not match.

@@ -14,7 +14,8 @@ StopRequest = Literal["cancel", "pause"] | None
 class TrainingCallbacks:
     """No-op defaults; override what you need.
 
-    - `on_metrics(row)`: a metrics row (keys `step`, `train_loss`, `train_mean_token_accuracy`, and with a
+    - `on_metrics(row)`: a metrics row (keys `step`, `train_loss`, `train_mean_token_accuracy`, `grad_norm` (before
+      clipping; a diagnostic the job's events leave out), and with a
       validation set `valid_loss`, `valid_mean_token_accuracy`; the last row also `full_valid_loss`,
       `full_valid_mean_token_accuracy`).
     - `on_checkpoint(step, checkpoint_dir, metrics)`: a complete, resumable checkpoint was written (atomically).

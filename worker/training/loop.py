@@ -9,6 +9,7 @@ a small model. See docs/training.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -24,7 +25,7 @@ from transformers import PreTrainedModel
 
 from app.jobs.spec import TrainingSpec
 from app.ml.base_model import load_causal_lm, load_tokenizer
-from app.ml.device import autocast_dtype, pick_device
+from app.ml.device import autocast_dtype, pick_device, weight_dtype
 from app.ml.registry import BaseModelInfo
 from worker.training.attention import PACKED_FLASH_ATTENTION, SEGMENT_ATTENTION, flash_attention_available
 from worker.training.callbacks import StopRequest, TrainingCallbacks
@@ -36,6 +37,7 @@ from worker.training.checkpoint import (
     write_atomically,
 )
 from worker.training.data import TokenizedDataset, TokenizedExample, load_dataset
+from worker.training.devices import DeviceGroup
 from worker.training.errors import TrainingError
 from worker.training.loss import loss_sums
 from worker.training.packing import MicroBatch, plan_epoch, step_micro_batches
@@ -55,6 +57,17 @@ def micro_batch_tokens(spec: TrainingSpec, device: torch.device) -> int:
     if spec.packing and device.type == "cpu":
         return spec.max_seq_length
     return DEFAULT_MICRO_BATCH_TOKENS
+
+
+@dataclass
+class StepFigures:
+    """One optimizer step, over all ranks."""
+
+    loss: float  # mean over the step's supervised tokens
+    accuracy: float  # of the argmax prediction, over the same tokens
+    grad_norm: float  # of the LoRA gradients, before clipping
+    n_tokens: int
+    n_supervised: int
 
 
 @dataclass
@@ -151,15 +164,18 @@ def lr_lambda(spec: TrainingSpec, total_steps: int) -> Callable[[int], float]:
 
 
 def evaluate(
-    model: PeftModel, examples: list[TokenizedExample], spec: TrainingSpec, pad_id: int, device: torch.device
+    model: PeftModel, examples: list[TokenizedExample], spec: TrainingSpec, pad_id: int, group: DeviceGroup
 ) -> tuple[float, float]:
-    """Mean loss and token accuracy over supervised tokens of `examples` (packed, no gradients)."""
+    """Mean loss and token accuracy over supervised tokens of `examples` (packed, no gradients; each rank of a
+    group scores its slice)."""
+    device = group.device
     was_training = model.training
     model.eval()
     loss_total, correct_total, n_total = 0.0, 0, 0
+    mine = group.shard(examples)
     with torch.no_grad(), _autocast(device):
         for mb in step_micro_batches(
-            examples,
+            mine,
             packing=True,
             max_seq_length=spec.max_seq_length,
             pad_id=pad_id,
@@ -170,7 +186,8 @@ def evaluate(
             correct_total += int(correct)
             n_total += mb.n_supervised
     model.train(was_training)
-    return loss_total / n_total, correct_total / n_total
+    loss_sum, correct_sum, n_sum = group.sum([loss_total, correct_total, n_total])
+    return loss_sum / n_sum, correct_sum / n_sum
 
 
 def _autocast(device: torch.device) -> torch.autocast:
@@ -202,6 +219,7 @@ def train(
     callbacks: TrainingCallbacks | None = None,
     resume_from: Path | None = None,
     init_adapter: Path | None = None,
+    devices: DeviceGroup | None = None,
 ) -> TrainingResult:
     """Train a LoRA adapter and return a `TrainingResult`.
 
@@ -210,6 +228,9 @@ def train(
     (a checkpoint dir of a run with the same spec and data) training continues exactly where it stopped.
     With `init_adapter` (a saved adapter of the same LoRA shape) training starts from its weights instead of
     a fresh LoRA initialisation: continuing to fine-tune a fine-tuned model.
+    With `devices` (a `worker.training.devices.DistributedGroup`; see worker/training/ranks.py) this process is
+    one rank of a data-parallel group: every rank runs this with the same arguments, each trains on its share of
+    every step, and only rank 0 writes checkpoints and the adapter and calls `callbacks` with anything to write.
     Raises `TrainingError` for conditions the user can fix (no example fits, NaN loss, ...).
     """
     spec = TrainingSpec.from_dict(spec) if isinstance(spec, dict) else spec
@@ -229,7 +250,8 @@ def train(
             f"max_seq_length {spec.max_seq_length} exceeds the base model's context length {context_length}",
             param="hyperparameters.max_seq_length",
         )
-    device, dtype = pick_device()
+    group = devices or DeviceGroup(pick_device()[0])
+    device, dtype = group.device, weight_dtype(group.device)
     tokenizer = load_tokenizer(name_or_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -266,6 +288,10 @@ def train(
             raise TrainingError("checkpoint_mismatch", "the checkpoint was written for a different spec or dataset")
         start_step = state["step"]
         rows, trained_tokens, supervised_tokens = state["rows"], state["trained_tokens"], state["supervised_tokens"]
+    if group.rank:
+        # Rank 0 draws LoRA dropout from the seed (or the checkpoint's RNG state); the others draw their own.
+        torch.manual_seed(int(np.random.SeedSequence([spec.seed, group.rank, start_step]).generate_state(1)[0]))
+    step_loss = group.wrap(model)
     resumed_tokens, train_seconds = trained_tokens, 0.0
 
     def result(
@@ -293,7 +319,9 @@ def train(
             train_seconds=train_seconds,
         )
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int) -> Path | None:
+        if not group.is_main:
+            return None
         progress = {
             "rows": rows,
             "trained_tokens": trained_tokens,
@@ -306,7 +334,7 @@ def train(
         callbacks.on_checkpoint(step, path, dict(rows[-1]) if rows else {"step": step})
         return path
 
-    def pause_checkpoint(step: int) -> Path:
+    def pause_checkpoint(step: int) -> Path | None:
         """A pause needs a checkpoint at `step`; it writes one only if this run has none there yet."""
         if checkpoints and checkpoints[-1][0] == step:
             return checkpoints[-1][1]
@@ -318,7 +346,7 @@ def train(
     plans: dict[int, list[list[int]]] = {}
     started = time.monotonic()
     for step in range(start_step, total_steps):
-        stop = callbacks.should_stop()
+        stop = group.agree(callbacks.should_stop())
         if stop == "cancel":
             return result("cancel", None, step)
         if stop == "pause":
@@ -331,28 +359,27 @@ def train(
         step_no = step + 1
         is_last = step_no == total_steps
         step_started = time.perf_counter()
-        loss, accuracy, n_tokens, n_supervised = _optimizer_step(
-            model, optimizer, scheduler, trainable, batch, spec, pad_id, device
-        )
+        figures = _optimizer_step(step_loss, group, optimizer, scheduler, trainable, batch, spec, pad_id)
         if is_last and device.type == "cuda":
             torch.cuda.synchronize(device)  # each step waits for the one before it; the last is waited for here
         train_seconds += time.perf_counter() - step_started
-        trained_tokens += n_tokens
-        supervised_tokens += n_supervised
+        trained_tokens += figures.n_tokens
+        supervised_tokens += figures.n_supervised
 
         row: dict[str, Any] = {
             "step": step_no,
-            "train_loss": loss,
-            "train_mean_token_accuracy": accuracy,
-            "train_accuracy": accuracy,
+            "train_loss": figures.loss,
+            "train_mean_token_accuracy": figures.accuracy,
+            "train_accuracy": figures.accuracy,
+            "grad_norm": figures.grad_norm,
         }
         row.update(valid_loss=None, valid_mean_token_accuracy=None)
         if valid_examples and is_last:
-            full_loss, full_acc = evaluate(model, valid_examples, spec, pad_id, device)
+            full_loss, full_acc = evaluate(model, valid_examples, spec, pad_id, group)
             row.update(valid_loss=full_loss, valid_mean_token_accuracy=full_acc)
             row.update(full_valid_loss=full_loss, full_valid_mean_token_accuracy=full_acc)
         elif valid_examples and step_no % spec.eval_every == 0:
-            v_loss, v_acc = evaluate(model, valid_examples[:EVAL_SUBSET], spec, pad_id, device)
+            v_loss, v_acc = evaluate(model, valid_examples[:EVAL_SUBSET], spec, pad_id, group)
             row.update(valid_loss=v_loss, valid_mean_token_accuracy=v_acc)
         if step_no % spec.metrics_every == 0 or is_last or row["valid_loss"] is not None:
             rows.append(row)
@@ -364,6 +391,8 @@ def train(
         if step_no in checkpoint_steps:
             checkpoint(step_no)
 
+    if not group.is_main:
+        return result(None, None, total_steps)
     adapter_dir = write_atomically(output_dir / "adapter", lambda tmp: save_adapter(model, tmp))
     return result(None, adapter_dir, total_steps)
 
@@ -382,49 +411,66 @@ def _require_examples(data: TokenizedDataset, spec: TrainingSpec) -> None:
 
 
 def accumulate_gradients(
-    model: PeftModel, micro_batches: list[MicroBatch], device: torch.device
-) -> tuple[float, int, int]:
-    """Backward over all micro-batches of one step, each scaled by 1 / (the whole step's supervised tokens),
-    so the accumulated gradient is that of the mean loss over the step, however it is split.
-    Returns (summed loss, correct predictions, supervised tokens)."""
-    n_supervised = sum(mb.n_supervised for mb in micro_batches)
+    step_loss: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    group: DeviceGroup,
+    n_supervised: int | None = None,
+    weight: float = 1.0,
+) -> tuple[float, int]:
+    """Backward over this process's micro-batches of one step, each scaled by 1 / `n_supervised` (the whole step's
+    supervised tokens over all ranks; by default these micro-batches'), so the accumulated gradient is that of the
+    mean loss over the step, however it is split between micro-batches and ranks. DDP's all-reduce averages over
+    ranks, so the scale is `group.size` times that; it runs once, after the last micro-batch's backward.
+    `weight` 0 makes the backward count for nothing. Returns (summed loss, correct predictions), times `weight`."""
+    n_supervised = n_supervised or sum(mb.n_supervised for mb in micro_batches)
+    scale = weight * group.size
     loss_total = 0.0
     correct_total = 0
-    for mb in micro_batches:
-        with _autocast(device):
-            loss, correct = loss_sums(model, mb.to(device))
-        (loss / n_supervised).backward()
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else group.no_sync(step_loss):
+            with _autocast(group.device):
+                loss, correct = step_loss(mb.to(group.device))
+            (loss * scale / n_supervised).backward()
         loss_total += loss.item()
         correct_total += int(correct)
-    return loss_total, correct_total, n_supervised
+    return loss_total * weight, int(correct_total * weight)
 
 
 def _optimizer_step(
-    model: PeftModel,
+    step_loss: torch.nn.Module,
+    group: DeviceGroup,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     trainable: list[torch.nn.Parameter],
     batch: list[TokenizedExample],
     spec: TrainingSpec,
     pad_id: int,
-    device: torch.device,
-) -> tuple[float, float, int, int]:
+) -> StepFigures:
     """One optimizer step over `batch` examples: accumulate over micro-batches, normalised by the step's
-    supervised-token count (not per micro-batch), so batch 8 x 1 and 2 x 4 give the same update."""
+    supervised-token count (not per micro-batch, nor per rank), so batch 8 x 1, 2 x 4 and two ranks of 4 give the
+    same update. Returns the step's figures over all ranks."""
+    n_supervised = sum(e.n_supervised for e in batch)
+    mine = group.share(batch)
+    # A step of fewer examples than ranks (the last of an epoch) leaves some with none; DDP's all-reduce still
+    # needs their backward, so they run the step's shortest example with its loss weighted 0.
+    weight = 1.0 if mine else 0.0
     micro_batches = step_micro_batches(
-        batch,
+        mine or [min(batch, key=len)],
         packing=spec.packing,
         max_seq_length=spec.max_seq_length,
         pad_id=pad_id,
         micro_batch_size=spec.micro_batch_size,
-        micro_batch_tokens=micro_batch_tokens(spec, device),
+        micro_batch_tokens=micro_batch_tokens(spec, group.device),
     )
-    loss_total, correct_total, n_supervised = accumulate_gradients(model, micro_batches, device)
-    mean_loss = loss_total / n_supervised
+    loss_total, correct_total = accumulate_gradients(step_loss, micro_batches, group, n_supervised, weight)
+    n_tokens = weight * sum(mb.n_tokens for mb in micro_batches)
+    loss_sum, correct_sum, tokens_sum = group.sum([loss_total, correct_total, n_tokens])
+    mean_loss = loss_sum / n_supervised
     if not math.isfinite(mean_loss):
         raise TrainingError("nan_loss", "the training loss became NaN or infinite; lower the learning rate")
-    torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm).item()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return mean_loss, correct_total / n_supervised, sum(mb.n_tokens for mb in micro_batches), n_supervised
+    return StepFigures(mean_loss, correct_sum / n_supervised, grad_norm, int(tokens_sum), n_supervised)
