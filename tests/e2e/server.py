@@ -82,13 +82,16 @@ class LiveServer:
 class WorkerProcess:
     """`tuneserve worker` (the real Celery worker) as a subprocess; `kill()` is SIGKILL, as the OOM killer does."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self._env, self._log_path = env, log_path
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()):
+        self._env, self._log_path, self._args = env, log_path, args
 
     def __enter__(self) -> WorkerProcess:
         self._log = open(self._log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"], env=self._env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "app.cli", "worker", *self._args],
+            env=self._env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
