@@ -1,7 +1,11 @@
-"""Upload + validation throughput of a 200 MB chat JSONL through the real server, and its memory growth.
+"""Upload + validation throughput of a 200 MB chat JSONL through the real server, and its memory growth, with
+the file stored in the local data directory and in S3-compatible object storage.
 
-Baseline in the same run: reading the same file with `json.loads` per line and nothing else.
-Last line: upload_mb_s=... rss_growth_mb=... ratio_vs_json_loads=... validate_mb_s=...
+Baselines in the same run: reading the same file with `json.loads` per line and nothing else; the local directory
+for the object store. The object store here is moto's standalone server on this host (in memory, in Python): its
+MB/s is a floor for what a real MinIO or S3 would give, while the server's memory growth is the server's own.
+Last line: upload_mb_s=... rss_growth_mb=... ratio_vs_json_loads=... validate_mb_s=... upload_s3_mb_s=...
+rss_growth_s3_mb=... ratio_s3_vs_local=...
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.datasets import validate_path  # noqa: E402
-from tests.e2e.server import LiveServer, tuneserve_env  # noqa: E402
+from tests.e2e.server import LiveServer, S3Server, tuneserve_env  # noqa: E402
 
 TARGET_BYTES = 200 * 1024 * 1024
 WORDS = ["the", "a", "model", "answer", "schema", "json", "field", "value", "user", "request", "intent", "order"]
@@ -88,6 +92,22 @@ def upload(url: str, key: str, path: Path) -> httpx.Response:
         )
 
 
+def measure_upload(
+    env: dict[str, str], log: Path, key: str, data: Path, small: Path, size: int
+) -> tuple[float, int, int]:
+    """(seconds, server RSS before, peak server RSS during) of uploading `data` to a server started with `env`."""
+    with LiveServer(env, log) as server:
+        assert upload(server.url, key, small).status_code == 200  # warm up imports and pools
+        before = rss_bytes(server.pid)
+        with PeakRss(server.pid) as peak:
+            start = time.perf_counter()
+            response = upload(server.url, key, data)
+            seconds = time.perf_counter() - start
+        assert response.status_code == 200, response.text
+        assert response.json()["bytes"] == size
+    return seconds, before, peak.peak
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -114,27 +134,25 @@ def main() -> None:
             key = create_key(session, "bench")
         engine.dispose()
 
-        with LiveServer(env, tmp / "server.log") as server:
-            pid = server.pid
-            assert upload(server.url, key, small).status_code == 200  # warm up imports and pools
-            before = rss_bytes(pid)
-            with PeakRss(pid) as peak:
-                start = time.perf_counter()
-                response = upload(server.url, key, data)
-                upload_s = time.perf_counter() - start
-            assert response.status_code == 200, response.text
-            assert response.json()["bytes"] == size
+        upload_s, before, peak = measure_upload(env, tmp / "server.log", key, data, small, size)
+        with S3Server() as s3:
+            s3_env = {**env, **s3.env, "TUNESERVE_STORAGE_URL": f"s3://{s3.BUCKET}/bench"}
+            s3_s, s3_before, s3_peak = measure_upload(s3_env, tmp / "server-s3.log", key, data, small, size)
 
     upload_mb_s = mb / upload_s
     json_mb_s = mb / json_s
-    growth_mb = (peak.peak - before) / 1e6
+    growth_mb = (peak - before) / 1e6
+    s3_mb_s, s3_growth_mb = mb / s3_s, (s3_peak - s3_before) / 1e6
     print(f"file: {mb:.0f} MB, {report.n_examples} examples")
     print(f"json.loads per line alone: {json_mb_s:.1f} MB/s; validator alone: {mb / validate_s:.1f} MB/s")
     print(f"upload through the server: {upload_mb_s:.1f} MB/s", end="; ")
-    print(f"server RSS {before / 1e6:.0f} MB -> peak {peak.peak / 1e6:.0f} MB")
+    print(f"server RSS {before / 1e6:.0f} MB -> peak {peak / 1e6:.0f} MB")
+    print(f"upload to the object store: {s3_mb_s:.1f} MB/s; server RSS {s3_before / 1e6:.0f} -> {s3_peak / 1e6:.0f} MB")
     print(
         f"upload_mb_s={upload_mb_s:.1f} rss_growth_mb={growth_mb:.1f} "
-        f"ratio_vs_json_loads={upload_mb_s / json_mb_s:.2f} validate_mb_s={mb / validate_s:.1f}"
+        f"ratio_vs_json_loads={upload_mb_s / json_mb_s:.2f} validate_mb_s={mb / validate_s:.1f} "
+        f"upload_s3_mb_s={s3_mb_s:.1f} rss_growth_s3_mb={s3_growth_mb:.1f} "
+        f"ratio_s3_vs_local={s3_mb_s / upload_mb_s:.2f}"
     )
 
 
