@@ -3,17 +3,24 @@ process and against an API that relays them to one `tuneserve inference` replica
 
 Workload: tuneserve-tiny, 16 concurrent clients, 96 chats of 16 new tokens each (greedy), plus 30 sequential
 1-token requests for the per-request overhead. Each setup runs twice, interleaved, and keeps its better run.
-Figures: throughput ratio (relayed / in-process; 1.0 means the relay costs nothing) and the added latency of a
-1-token request in ms (median relayed minus median in-process).
+A third setup sends the same requests straight to the replica, as the API relays them (internal token, project
+named). Figures: throughput ratios (relayed / in-process and relayed / direct; 1.0 means the relay costs nothing)
+and the added latency of a 1-token request in ms (median relayed minus median in-process, and minus direct).
 
-Last line: `name=value` pairs. Usage: python benchmarks/bench_replicas.py
+With `--pin`, the host is cut in two as the production topology is: CPU 0 is the GPU machine (the replica, or
+the in-process API, with one torch thread) and CPU 1 everything else (this load generator and the relaying API).
+Without it, every process shares both cores, and the relaying API's CPU is taken from the replica's.
+
+Last line: `name=value` pairs. Usage: python benchmarks/bench_replicas.py [--pin]
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +32,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.api.replicas import INTERNAL_TOKEN_HEADER, PROJECT_ID_HEADER, PROJECT_NAME_HEADER  # noqa: E402
 from tests.e2e.server import LiveServer, tuneserve_env  # noqa: E402
 
 ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
@@ -41,9 +49,8 @@ def chat(max_tokens: int, i: int) -> dict:
     }
 
 
-async def throughput(url: str, key: str) -> float:
+async def throughput(url: str, headers: dict[str, str]) -> float:
     queue = list(range(REQUESTS))
-    headers = {"Authorization": f"Bearer {key}"}
 
     async def client() -> None:
         async with httpx.AsyncClient(timeout=300) as http:
@@ -58,9 +65,9 @@ async def throughput(url: str, key: str) -> float:
     return REQUESTS / (time.perf_counter() - start)
 
 
-def probe_ms(url: str, key: str) -> float:
+def probe_ms(url: str, headers: dict[str, str]) -> float:
     times = []
-    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {key}"}) as http:
+    with httpx.Client(timeout=60, headers=headers) as http:
         for i in range(PROBES):
             start = time.perf_counter()
             http.post(f"{url}/v1/chat/completions", json=chat(1, i)).raise_for_status()
@@ -68,12 +75,21 @@ def probe_ms(url: str, key: str) -> float:
     return statistics.median(times) * 1000
 
 
-def measure(url: str, key: str) -> tuple[float, float]:
-    probe_ms(url, key)  # warm: the base model loads
-    return asyncio.run(throughput(url, key)), probe_ms(url, key)
+def measure(url: str, headers: dict[str, str]) -> tuple[float, float]:
+    probe_ms(url, headers)  # warm: the base model loads
+    return asyncio.run(throughput(url, headers)), probe_ms(url, headers)
+
+
+def pin(server: LiveServer | None, cpu: int) -> None:
+    """Move every thread of `server` (None: this process) onto `cpu`."""
+    pid = os.getpid() if server is None else server.pid
+    subprocess.run(["taskset", "-a", "-cp", str(cpu), str(pid)], check=True, capture_output=True)
 
 
 def main() -> None:
+    pinned = "--pin" in sys.argv[1:]
+    if pinned:
+        pin(None, 1)
     name = f"tuneserve_replicas_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -84,16 +100,29 @@ def main() -> None:
             from app import migrate
             from app.db import make_engine, make_sessionmaker, session_scope
             from app.services.keys import create_key
+            from app.tables import Project
 
             migrate.upgrade(db_url)
             engine = make_engine(db_url)
             with session_scope(make_sessionmaker(engine)) as session:
                 key = create_key(session, "bench")
+                project = session.query(Project.id).filter_by(name="bench").scalar()
             engine.dispose()
+            user = {"Authorization": f"Bearer {key}"}
+            # What the API sends a replica: the shared token and the project it authenticated.
+            internal = {INTERNAL_TOKEN_HEADER: TOKEN, PROJECT_ID_HEADER: project, PROJECT_NAME_HEADER: "bench"}
             base = tuneserve_env(tmp / "shared", db_url)
-            replica_env = {**base, "TUNESERVE_DATA_DIR": str(tmp / "replica"), "TUNESERVE_INTERNAL_TOKEN": TOKEN}
-            results: dict[str, list[tuple[float, float]]] = {"in_process": [], "relayed": []}
+            gpu_machine = {"OMP_NUM_THREADS": "1"} if pinned else {}
+            replica_env = {
+                **base,
+                **gpu_machine,
+                "TUNESERVE_DATA_DIR": str(tmp / "replica"),
+                "TUNESERVE_INTERNAL_TOKEN": TOKEN,
+            }
+            results: dict[str, list[tuple[float, float]]] = {"in_process": [], "relayed": [], "direct": []}
             with LiveServer(replica_env, tmp / "replica.log", command="inference") as replica:
+                if pinned:
+                    pin(replica, 0)
                 relay_env = {
                     **base,
                     "TUNESERVE_DATA_DIR": str(tmp / "api"),
@@ -101,24 +130,33 @@ def main() -> None:
                     "TUNESERVE_INTERNAL_TOKEN": TOKEN,
                 }
                 for _ in range(REPEATS):
-                    with LiveServer({**base, "TUNESERVE_DATA_DIR": str(tmp / "solo")}, tmp / "solo.log") as solo:
-                        results["in_process"].append(measure(solo.url, key))
+                    solo_env = {**base, **gpu_machine, "TUNESERVE_DATA_DIR": str(tmp / "solo")}
+                    with LiveServer(solo_env, tmp / "solo.log") as solo:
+                        if pinned:
+                            pin(solo, 0)
+                        results["in_process"].append(measure(solo.url, user))
                     with LiveServer(relay_env, tmp / "api.log") as api:
-                        results["relayed"].append(measure(api.url, key))
+                        if pinned:
+                            pin(api, 1)
+                        results["relayed"].append(measure(api.url, user))
+                    results["direct"].append(measure(replica.url, internal))
     finally:
         with psycopg.connect(ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    solo_rps = max(r for r, _ in results["in_process"])
-    relay_rps = max(r for r, _ in results["relayed"])
-    solo_ms = min(m for _, m in results["in_process"])
-    relay_ms = min(m for _, m in results["relayed"])
+    rps = {name: max(r for r, _ in runs) for name, runs in results.items()}
+    ms = {name: min(m for _, m in runs) for name, runs in results.items()}
     figures = {
-        "rps_in_process": round(solo_rps, 2),
-        "rps_relayed": round(relay_rps, 2),
-        "rps_ratio_relayed": round(relay_rps / solo_rps, 3),
-        "one_token_ms_in_process": round(solo_ms, 1),
-        "one_token_ms_relayed": round(relay_ms, 1),
-        "relay_added_ms": round(relay_ms - solo_ms, 1),
+        "pinned": pinned,
+        "rps_in_process": round(rps["in_process"], 2),
+        "rps_direct": round(rps["direct"], 2),
+        "rps_relayed": round(rps["relayed"], 2),
+        "rps_ratio_relayed": round(rps["relayed"] / rps["in_process"], 3),
+        "rps_ratio_relayed_vs_direct": round(rps["relayed"] / rps["direct"], 3),
+        "one_token_ms_in_process": round(ms["in_process"], 1),
+        "one_token_ms_direct": round(ms["direct"], 1),
+        "one_token_ms_relayed": round(ms["relayed"], 1),
+        "relay_added_ms": round(ms["relayed"] - ms["in_process"], 1),
+        "relay_added_ms_vs_direct": round(ms["relayed"] - ms["direct"], 1),
     }
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
 
