@@ -20,7 +20,7 @@ from app.db import session_scope
 from app.jobs import transitions
 from app.jobs.checkpoints import latest_checkpoint
 from app.jobs.events import add_event
-from app.jobs.reconcile import give_up, out_of_attempts
+from app.jobs.reconcile import give_up, out_of_attempts, pause_if_asked
 from app.jobs.spec import resolve_spec
 from app.jobs.status import TERMINAL
 from app.jobs.storage_keys import checkpoint_key, file_key
@@ -275,6 +275,8 @@ def _requeue_lost_rank(ctx: WorkerContext, claim: Claim, reason: str) -> str:
     expires) to resume from its last checkpoint, and counts as a lost worker towards its attempt limit."""
     with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
         job = claimed_job(session, claim)
+        if pause_if_asked(session, job):
+            return "paused"  # a pause asked for meanwhile: paused at the last checkpoint, as the reconciler would
         if out_of_attempts(job, ctx.settings):
             give_up(session, job)
             return "failed"

@@ -21,7 +21,7 @@ from app.ml.synthetic import intent_json_task
 from tests.training.conftest import write_jsonl
 from worker.training.callbacks import TrainingCallbacks
 from worker.training.devices import balanced_shares
-from worker.training.ranks import RankLost, train_on_devices
+from worker.training.ranks import EXIT_OUT_OF_MEMORY, RankLost, _helper_failure, train_on_devices
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +48,14 @@ def task(tiny, tmp_path_factory):
 
 
 class Recorder(TrainingCallbacks):
-    def __init__(self, kill_helper_after: int | None = None):
+    def __init__(self, kill_helper_after: int | None = None, pause_after: int | None = None):
         self.checkpoints: list[int] = []
         self.metrics: list[dict] = []
-        self.kill_helper_after = kill_helper_after
+        self.kill_helper_after, self.pause_after = kill_helper_after, pause_after
+        self.done = 0
+
+    def should_stop(self):
+        return "pause" if self.pause_after is not None and self.done >= self.pause_after else None
 
     def on_metrics(self, row):
         self.metrics.append(row)
@@ -60,6 +64,7 @@ class Recorder(TrainingCallbacks):
         self.checkpoints.append(step)
 
     def on_progress(self, step, total_steps, eta_seconds):
+        self.done = step
         if step == self.kill_helper_after:
             for pid in helper_pids():
                 os.kill(pid, signal.SIGKILL)
@@ -125,6 +130,33 @@ def test_a_killed_rank_stops_the_group_and_the_run_resumes_from_its_checkpoint(t
     assert [r["step"] for r in resumed.metrics_rows] == [r["step"] for r in uninterrupted.metrics_rows]
     for name, tensor in weights(uninterrupted.adapter_dir).items():
         torch.testing.assert_close(weights(resumed.adapter_dir)[name], tensor, atol=WEIGHT_ATOL, rtol=0)
+
+
+def test_a_pause_stops_every_rank_at_the_same_step_with_one_checkpoint(tiny, task, tmp_path, caplog):
+    spec, train_path, valid_path = task
+    recorder = Recorder(pause_after=4)
+    result = train_on_devices(2, spec, train_path, valid_path, tiny, tmp_path, recorder)
+    assert result.stopped == "pause" and result.n_steps == 4
+    assert recorder.checkpoints == [3, 4]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-000003", "checkpoint-000004"]
+    assert helper_pids() == [] and "did not finish" not in caplog.text  # the helper stopped at the same step
+
+
+class Ended:
+    def __init__(self, code):
+        self.code = code
+
+    def poll(self):
+        return self.code
+
+
+def test_how_a_helper_ended_decides_what_the_job_is_told():
+    assert _helper_failure({1: Ended(0)}, 2) is None
+    lost = _helper_failure({1: Ended(0), 2: Ended(-9)}, 3)
+    assert isinstance(lost, RankLost) and str(lost) == "data-parallel rank 2 of 3 exited with signal 9"
+    assert isinstance(_helper_failure({1: Ended(1)}, 2), RankLost)
+    # Out of memory on a helper fails the job as out of memory (as on one device), not as a lost worker.
+    assert isinstance(_helper_failure({1: Ended(EXIT_OUT_OF_MEMORY)}, 2), torch.OutOfMemoryError)
 
 
 def test_shares_are_disjoint_complete_deterministic_and_balanced():

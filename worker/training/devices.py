@@ -86,23 +86,39 @@ class DeviceGroup:
 class DistributedGroup(DeviceGroup):
     """This process's place in a torch.distributed group: NCCL between GPUs (device = cuda:rank), gloo on CPU."""
 
-    def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device):
+    def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device, join_timeout: timedelta):
+        """Set up this process's device, say so in the store (`ready/{rank}`: rank 0 waits for its helpers' before
+        it joins), and join the group, waiting at most `join_timeout` for the others."""
         super().__init__(device)
         self.rank, self.size = rank, size
         self._threads = torch.get_num_threads()
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            backend = "nccl"
         else:
             # The ranks share this machine's cores: each takes its part, not all of them (oversubscribed, every
             # rank's matmuls would contend with the others').
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks are all on this machine
+            backend = "gloo"
+        try:
+            store.set(f"ready/{rank}", "1")
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=join_timeout)
+            dist.distributed_c10d._set_pg_timeout(COLLECTIVE_TIMEOUT)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(self._threads)  # rank 0 is a worker that goes on to other jobs
+
+    def abort(self) -> None:
+        """Unblock this rank's collectives after another rank died. gloo notices by itself (the dead rank's
+        sockets close); NCCL between GPUs of one machine has no socket to notice, and is aborted."""
+        if self.device.type == "cuda" and dist.is_initialized():
+            dist.distributed_c10d._abort_process_group()
 
     def share(self, batch: list[TokenizedExample]) -> list[TokenizedExample]:
         return [batch[i] for i in balanced_shares([len(e) for e in batch], self.size)[self.rank]]

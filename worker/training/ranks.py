@@ -40,8 +40,9 @@ log = logging.getLogger("tuneserve.ranks")
 
 # How long the helpers may take to start (import torch and transformers) before rank 0 gives up on them.
 JOIN_TIMEOUT_SECONDS = 300.0
-# How long finished helpers get to exit on their own before they are terminated.
+# How long finished helpers get to exit on their own before they are killed.
 EXIT_GRACE_SECONDS = 10.0
+EXIT_OUT_OF_MEMORY = 3  # a helper's exit status when its device ran out of memory
 
 
 class RankLost(RuntimeError):
@@ -93,22 +94,70 @@ def train_on_devices(
             )
             for rank in range(1, n_devices)
         }
+        failed = True
         try:
             _wait_for_helpers(store, helpers)
-            group = DistributedGroup(store, 0, n_devices, rank_device(0))
+            group = DistributedGroup(store, 0, n_devices, rank_device(0), timeout)
             try:
-                return _train(job, output_dir, callbacks, group)
+                with _Watch(helpers, group):
+                    result = _train(job, output_dir, callbacks, group)
+            except TrainingError:
+                raise  # every rank met the same condition (no examples, NaN loss): the user's to fix
+            except Exception as exc:
+                # Before the group is closed, so that no helper's end can be a reaction to rank 0's.
+                failure = _helper_failure(helpers, n_devices)
+                if failure is None:
+                    raise
+                raise failure from exc
             finally:
                 group.close()
-        except TrainingError:
-            raise  # every rank met the same condition (no examples, NaN loss): the user's to fix
-        except Exception as exc:
-            lost = _dead_helper(helpers, wait=5.0)
-            if lost is not None:
-                raise RankLost(f"data-parallel rank {lost[0]} of {n_devices} exited with {lost[1]}") from exc
-            raise
+            failed = False
+            return result
         finally:
-            _stop(helpers)
+            _stop(helpers, grace=0 if failed else EXIT_GRACE_SECONDS)
+
+
+class _Watch:
+    """Rank 0's watch over its helpers while it trains: the first to end in failure aborts rank 0's collectives
+    (see DistributedGroup.abort), which then fail as they would with gloo."""
+
+    def __init__(self, helpers: dict[int, subprocess.Popen[bytes]], group: DistributedGroup):
+        self._helpers, self._group = helpers, group
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rank-watch", daemon=True)
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.2):
+            if _dead_helper(self._helpers, wait=0) is not None:
+                try:
+                    self._group.abort()
+                except Exception:
+                    log.warning("aborting the data-parallel group failed", exc_info=True)
+                return
+
+
+def _helper_failure(helpers: dict[int, subprocess.Popen[bytes]], size: int) -> Exception | None:
+    """What a helper's failure means for the job, if one failed: out of memory (as on one device), or a lost
+    rank. Waits a moment: rank 0's collective can fail before the dead helper's exit status is in."""
+    lost = _dead_helper(helpers, wait=2.0)
+    if lost is None:
+        return None
+    rank, code = lost
+    if code == EXIT_OUT_OF_MEMORY:
+        return torch.OutOfMemoryError(f"data-parallel rank {rank} of {size} ran out of memory")
+    return RankLost(f"data-parallel rank {rank} of {size} exited with {_how(code)}")
+
+
+def _how(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"exit code {code}"
 
 
 def _train(
@@ -128,39 +177,45 @@ def _train(
 
 
 def _wait_for_helpers(store: dist.TCPStore, helpers: dict[int, subprocess.Popen[bytes]]) -> None:
-    """Until every helper has checked in; a helper that exits first is a `RankLost`, not a wait for the timeout."""
+    """Until every helper has set up its device; one that exits first is a `RankLost`, not a wait for the
+    timeout."""
     keys = [f"ready/{rank}" for rank in helpers]
     deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
     while not store.check(keys):
         lost = _dead_helper(helpers, wait=0)
         if lost is not None:
-            raise RankLost(f"data-parallel rank {lost[0]} exited with {lost[1]} before joining")
+            raise RankLost(f"data-parallel rank {lost[0]} exited with {_how(lost[1])} before joining")
         if time.monotonic() > deadline:
             raise RankLost(f"data-parallel ranks did not join within {JOIN_TIMEOUT_SECONDS:.0f} s")
         time.sleep(0.1)
 
 
-def _dead_helper(helpers: dict[int, subprocess.Popen[bytes]], wait: float) -> tuple[int, str] | None:
-    """(rank, how it ended) of a helper that ended in failure, waiting up to `wait` seconds for one to."""
+def _dead_helper(helpers: dict[int, subprocess.Popen[bytes]], wait: float) -> tuple[int, int] | None:
+    """(rank, exit status; negative: the signal) of a helper that ended in failure, waiting up to `wait` seconds
+    for one to."""
     deadline = time.monotonic() + wait
     while True:
         for rank, process in helpers.items():
             code = process.poll()
             if code is not None and code != 0:
-                return rank, f"signal {-code}" if code < 0 else f"exit code {code}"
+                return rank, code
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.1)
 
 
-def _stop(helpers: dict[int, subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + EXIT_GRACE_SECONDS
-    for process in helpers.values():
+def _stop(helpers: dict[int, subprocess.Popen[bytes]], grace: float) -> None:
+    """Helpers that finished exit by themselves within `grace`; after a failure they are waiting in a collective
+    for a rank 0 that will not come, and are killed at once."""
+    deadline = time.monotonic() + grace
+    for rank, process in helpers.items():
         try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait()
+            code = process.wait()
+        if grace and code != 0:  # rank 0 finished: a helper that did not is worth an operator's look
+            log.warning("data-parallel rank %s did not finish with rank 0 (%s)", rank, _how(code))
 
 
 def _exit_with(parent_pid: int) -> None:
@@ -180,10 +235,12 @@ def _helper_main(argv: list[str]) -> int:
     job: _RankJob = pickle.loads(Path(job_file).read_bytes())
     timeout = timedelta(seconds=JOIN_TIMEOUT_SECONDS)
     store = dist.TCPStore("127.0.0.1", int(port), int(size), is_master=False, timeout=timeout)
-    store.set(f"ready/{rank}", "1")
-    group = DistributedGroup(store, int(rank), int(size), rank_device(int(rank)))
+    group = DistributedGroup(store, int(rank), int(size), rank_device(int(rank)), timeout)
     try:
         _train(job, Path(output_dir), None, group)
+    except torch.OutOfMemoryError:
+        log.exception("rank %s ran out of memory", rank)
+        return EXIT_OUT_OF_MEMORY  # rank 0 fails the job as out of memory, as on one device
     finally:
         group.close()
     return 0
