@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -21,14 +20,11 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import migrate  # noqa: E402
 from app.config import Settings  # noqa: E402
-from app.db import make_engine, make_sessionmaker, session_scope  # noqa: E402
-from app.services.keys import create_key  # noqa: E402
+from benchmarks.scratch_db import project_key, scratch_database  # noqa: E402
 from tests.datasets.samples import valid_chat_file  # noqa: E402
 from tests.e2e.server import LiveServer, RedisServer, WorkerProcess, tuneserve_env  # noqa: E402
 
-ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 CLIENTS, SECONDS = 50, 10
 # ~30 s of training on the tiny model here: 20 examples x 17 epochs at batch size 1.
 OVERHEAD_JOB = {"n_epochs": 17, "batch_size": 1}
@@ -109,16 +105,8 @@ def measure_overhead(tmp: Path, db_url: str, key: str, file_id: str, redis_url: 
 def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("bench_jobs needs wrk (Debian: apt-get install wrk); `make bench` installs it")
-    name = f"tuneserve_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    db_url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    try:
-        migrate.upgrade(db_url)
-        engine = make_engine(db_url)
-        with session_scope(make_sessionmaker(engine)) as session:
-            key = create_key(session, "bench")
-        engine.dispose()
+    with scratch_database("tuneserve_bench") as db_url:
+        key, _ = project_key(db_url, "bench")
         with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
             tmp = Path(tmp)
             env = tuneserve_env(tmp / "data", db_url, TUNESERVE_BROKER_URL=redis_server.url)
@@ -132,12 +120,9 @@ def main() -> None:
             figures = measure_creation(tmp, db_url, key, file_id, redis_server.url)
             # The jobs created above would queue ahead of the measured one: take them out of the way.
             redis_server.flushall()
-            with psycopg.connect(ADMIN.replace("dbname=postgres", f"dbname={name}"), autocommit=True) as conn:
+            with psycopg.connect(db_url, autocommit=True) as conn:
                 conn.execute("UPDATE jobs SET status = 'cancelled' WHERE status = 'queued'")
             service_s, train_s = measure_overhead(tmp, db_url, key, file_id, redis_server.url)
-    finally:
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     ratio = figures["create_p50_ms"] / figures["healthz_p50_ms"]
     print(f"{CLIENTS} concurrent clients for {SECONDS} s each, Postgres + Redis")

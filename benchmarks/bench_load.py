@@ -30,20 +30,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.ml.synthetic import intent_json_task  # noqa: E402
+from benchmarks.scratch_db import project_key, scratch_database  # noqa: E402
 from tests.datasets.samples import valid_chat_file  # noqa: E402
 from tests.e2e.server import RedisServer, free_port, tuneserve_env  # noqa: E402
 
-ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 KEYS = {"a": "ts-bench-load-project-a-0123456789", "b": "ts-bench-load-project-b-0123456789"}
 
 
@@ -73,17 +71,6 @@ def start_up(tmp: Path, db_url: str, redis_url: str) -> tuple[subprocess.Popen, 
         except httpx.HTTPError:
             time.sleep(0.2)
     raise RuntimeError((tmp / "up.log").read_text())
-
-
-def second_key(db_url: str) -> None:
-    """Project b, with a key of its own, in the same database."""
-    from app.db import make_engine, make_sessionmaker, session_scope
-    from app.services.keys import create_key
-
-    engine = make_engine(db_url)
-    with session_scope(make_sessionmaker(engine)) as session:
-        KEYS["b"] = create_key(session, "b")
-    engine.dispose()
 
 
 class Recorder:
@@ -241,51 +228,46 @@ def main() -> None:
     parser.add_argument("--ramp", type=float, default=10.0, help="seconds over which the clients arrive")
     args = parser.parse_args()
 
-    name = f"tuneserve_load_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    db_url = f"postgresql://postgres@127.0.0.1:5432/{name}"
     proc = None
-    try:
-        with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
-            tmp = Path(tmp)
-            proc, url = start_up(tmp, db_url, redis_server.url)
-            second_key(db_url)
-            headers = {"Authorization": f"Bearer {KEYS['a']}"}
-            train, _ = intent_json_task(160, 10, seed=0)
-            data = "".join(json.dumps(e) + "\n" for e in train).encode()
-            file_id = httpx.post(
-                f"{url}/v1/files",
-                headers=headers,
-                data={"purpose": "fine-tune"},
-                files={"file": ("t.jsonl", data)},
-                timeout=60,
-            ).json()["id"]
-            # Training all through the load: the worker competes for the same two cores, as it would.
-            body = {"model": "tuneserve-tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 20}}
-            job_id = httpx.post(f"{url}/v1/fine_tuning/jobs", json=body, headers=headers, timeout=60).json()["id"]
+    with scratch_database("tuneserve_load") as db_url:
+        try:
+            with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis_server:
+                tmp = Path(tmp)
+                proc, url = start_up(tmp, db_url, redis_server.url)
+                KEYS["b"], _ = project_key(db_url, "b")  # project b, with a key of its own
+                headers = {"Authorization": f"Bearer {KEYS['a']}"}
+                train, _ = intent_json_task(160, 10, seed=0)
+                data = "".join(json.dumps(e) + "\n" for e in train).encode()
+                file_id = httpx.post(
+                    f"{url}/v1/files",
+                    headers=headers,
+                    data={"purpose": "fine-tune"},
+                    files={"file": ("t.jsonl", data)},
+                    timeout=60,
+                ).json()["id"]
+                # Training all through the load: the worker competes for the same two cores, as it would.
+                body = {"model": "tuneserve-tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 20}}
+                job_id = httpx.post(f"{url}/v1/fine_tuning/jobs", json=body, headers=headers, timeout=60).json()["id"]
 
-            asyncio.run(idle_short_chats(url, 5))  # loads the base model
-            idle_poll = asyncio.run(idle_polls(url, job_id, 200))
-            idle_chat = asyncio.run(idle_short_chats(url, 20))
-            waited_before = engine_metric(url, "admission_wait_steps_sum")
-            count_before = engine_metric(url, "admission_wait_steps_count")
-            probed: multiprocessing.Queue = multiprocessing.Queue()
-            prober = multiprocessing.Process(target=probe_polls, args=(url, job_id, args.seconds, probed))
-            prober.start()
-            recorder = asyncio.run(load(url, job_id, args.clients, args.seconds, args.ramp))
-            probe = probed.get(timeout=120)
-            prober.join()
-            waited = engine_metric(url, "admission_wait_steps_sum") - waited_before
-            admitted = engine_metric(url, "admission_wait_steps_count") - count_before
-            max_wait = engine_metric(url, "admission_wait_steps_max")
-            job = httpx.get(f"{url}/v1/fine_tuning/jobs/{job_id}", headers=headers, timeout=60).json()
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=60)
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                asyncio.run(idle_short_chats(url, 5))  # loads the base model
+                idle_poll = asyncio.run(idle_polls(url, job_id, 200))
+                idle_chat = asyncio.run(idle_short_chats(url, 20))
+                waited_before = engine_metric(url, "admission_wait_steps_sum")
+                count_before = engine_metric(url, "admission_wait_steps_count")
+                probed: multiprocessing.Queue = multiprocessing.Queue()
+                prober = multiprocessing.Process(target=probe_polls, args=(url, job_id, args.seconds, probed))
+                prober.start()
+                recorder = asyncio.run(load(url, job_id, args.clients, args.seconds, args.ramp))
+                probe = probed.get(timeout=120)
+                prober.join()
+                waited = engine_metric(url, "admission_wait_steps_sum") - waited_before
+                admitted = engine_metric(url, "admission_wait_steps_count") - count_before
+                max_wait = engine_metric(url, "admission_wait_steps_max")
+                job = httpx.get(f"{url}/v1/fine_tuning/jobs/{job_id}", headers=headers, timeout=60).json()
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=60)
 
     by_status: collections.Counter[str] = collections.Counter()
     for key, n in recorder.statuses.items():

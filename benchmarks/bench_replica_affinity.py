@@ -22,19 +22,17 @@ import random
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.api.replicas import INTERNAL_TOKEN_HEADER, PROJECT_ID_HEADER, PROJECT_NAME_HEADER, rank  # noqa: E402
+from benchmarks.scratch_db import project_key, scratch_database  # noqa: E402
 from tests.datasets.samples import chat_example, jsonl  # noqa: E402
 from tests.e2e.server import LiveServer, WorkerProcess, tuneserve_env  # noqa: E402
 
-ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 TOKEN = "bench-internal-token-0123456789"
 ADAPTERS, RESIDENT, CLIENTS, REQUESTS, NEW_TOKENS = 16, 8, 16, 256, 8
 
@@ -116,36 +114,19 @@ def run_setup(name: str, n_replicas: int, env: dict[str, str], tmp: Path, models
 
 
 def main() -> None:
-    name = f"tuneserve_affinity_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    db_url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            from app import migrate
-            from app.db import make_engine, make_sessionmaker, session_scope
-            from app.services.keys import create_key
-            from app.tables import Project
-
-            migrate.upgrade(db_url)
-            engine = make_engine(db_url)
-            with session_scope(make_sessionmaker(engine)) as session:
-                key = create_key(session, "bench")
-                project = session.query(Project.id, Project.name).filter_by(name="bench").one()
-            engine.dispose()
-            # One host: every process shares the data directory (local storage) and so the trained adapters.
-            env = tuneserve_env(tmp / "shared", db_url)
-            with LiveServer(env, tmp / "api.log") as api, WorkerProcess(env, tmp / "worker.log"):
-                models = train_adapters(api.url, key)
-            results = {
-                "one": run_setup("one", 1, env, tmp, models, tuple(project)),
-                "affinity": run_setup("affinity", 2, env, tmp, models, tuple(project)),
-                "round_robin": run_setup("round_robin", 2, env, tmp, models, tuple(project)),
-            }
-    finally:
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("tuneserve_affinity") as db_url, tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        key, project_id = project_key(db_url, "bench")
+        project = (project_id, "bench")
+        # One host: every process shares the data directory (local storage) and so the trained adapters.
+        env = tuneserve_env(tmp / "shared", db_url)
+        with LiveServer(env, tmp / "api.log") as api, WorkerProcess(env, tmp / "worker.log"):
+            models = train_adapters(api.url, key)
+        results = {
+            "one": run_setup("one", 1, env, tmp, models, project),
+            "affinity": run_setup("affinity", 2, env, tmp, models, project),
+            "round_robin": run_setup("round_robin", 2, env, tmp, models, project),
+        }
     figures = {
         "rps_one_replica": round(results["one"][0], 1),
         "rps_two_affinity": round(results["affinity"][0], 1),

@@ -24,18 +24,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.api.replicas import INTERNAL_TOKEN_HEADER, PROJECT_ID_HEADER, PROJECT_NAME_HEADER  # noqa: E402
+from benchmarks.scratch_db import project_key, scratch_database  # noqa: E402
 from tests.e2e.server import LiveServer, tuneserve_env  # noqa: E402
 
-ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 TOKEN = "bench-internal-token-0123456789"
 CLIENTS, REQUESTS, NEW_TOKENS, PROBES, REPEATS = 16, 96, 16, 30, 2
 
@@ -90,59 +88,41 @@ def main() -> None:
     pinned = "--pin" in sys.argv[1:]
     if pinned:
         pin(None, 1)
-    name = f"tuneserve_replicas_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    db_url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            from app import migrate
-            from app.db import make_engine, make_sessionmaker, session_scope
-            from app.services.keys import create_key
-            from app.tables import Project
-
-            migrate.upgrade(db_url)
-            engine = make_engine(db_url)
-            with session_scope(make_sessionmaker(engine)) as session:
-                key = create_key(session, "bench")
-                project = session.query(Project.id).filter_by(name="bench").scalar()
-            engine.dispose()
-            user = {"Authorization": f"Bearer {key}"}
-            # What the API sends a replica: the shared token and the project it authenticated.
-            internal = {INTERNAL_TOKEN_HEADER: TOKEN, PROJECT_ID_HEADER: project, PROJECT_NAME_HEADER: "bench"}
-            base = tuneserve_env(tmp / "shared", db_url)
-            gpu_machine = {"OMP_NUM_THREADS": "1"} if pinned else {}
-            replica_env = {
+    with scratch_database("tuneserve_replicas") as db_url, tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        key, project = project_key(db_url, "bench")
+        user = {"Authorization": f"Bearer {key}"}
+        # What the API sends a replica: the shared token and the project it authenticated.
+        internal = {INTERNAL_TOKEN_HEADER: TOKEN, PROJECT_ID_HEADER: project, PROJECT_NAME_HEADER: "bench"}
+        base = tuneserve_env(tmp / "shared", db_url)
+        gpu_machine = {"OMP_NUM_THREADS": "1"} if pinned else {}
+        replica_env = {
+            **base,
+            **gpu_machine,
+            "TUNESERVE_DATA_DIR": str(tmp / "replica"),
+            "TUNESERVE_INTERNAL_TOKEN": TOKEN,
+        }
+        results: dict[str, list[tuple[float, float]]] = {"in_process": [], "relayed": [], "direct": []}
+        with LiveServer(replica_env, tmp / "replica.log", command="inference") as replica:
+            if pinned:
+                pin(replica, 0)
+            relay_env = {
                 **base,
-                **gpu_machine,
-                "TUNESERVE_DATA_DIR": str(tmp / "replica"),
+                "TUNESERVE_DATA_DIR": str(tmp / "api"),
+                "TUNESERVE_INFERENCE_REPLICAS": json.dumps([replica.url]),
                 "TUNESERVE_INTERNAL_TOKEN": TOKEN,
             }
-            results: dict[str, list[tuple[float, float]]] = {"in_process": [], "relayed": [], "direct": []}
-            with LiveServer(replica_env, tmp / "replica.log", command="inference") as replica:
-                if pinned:
-                    pin(replica, 0)
-                relay_env = {
-                    **base,
-                    "TUNESERVE_DATA_DIR": str(tmp / "api"),
-                    "TUNESERVE_INFERENCE_REPLICAS": json.dumps([replica.url]),
-                    "TUNESERVE_INTERNAL_TOKEN": TOKEN,
-                }
-                for _ in range(REPEATS):
-                    solo_env = {**base, **gpu_machine, "TUNESERVE_DATA_DIR": str(tmp / "solo")}
-                    with LiveServer(solo_env, tmp / "solo.log") as solo:
-                        if pinned:
-                            pin(solo, 0)
-                        results["in_process"].append(measure(solo.url, user))
-                    with LiveServer(relay_env, tmp / "api.log") as api:
-                        if pinned:
-                            pin(api, 1)
-                        results["relayed"].append(measure(api.url, user))
-                    results["direct"].append(measure(replica.url, internal))
-    finally:
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            for _ in range(REPEATS):
+                solo_env = {**base, **gpu_machine, "TUNESERVE_DATA_DIR": str(tmp / "solo")}
+                with LiveServer(solo_env, tmp / "solo.log") as solo:
+                    if pinned:
+                        pin(solo, 0)
+                    results["in_process"].append(measure(solo.url, user))
+                with LiveServer(relay_env, tmp / "api.log") as api:
+                    if pinned:
+                        pin(api, 1)
+                    results["relayed"].append(measure(api.url, user))
+                results["direct"].append(measure(replica.url, internal))
     rps = {name: max(r for r, _ in runs) for name, runs in results.items()}
     ms = {name: min(m for _, m in runs) for name, runs in results.items()}
     figures = {
