@@ -73,9 +73,19 @@ def probe_ms(url: str, headers: dict[str, str]) -> float:
     return statistics.median(times) * 1000
 
 
-def measure(url: str, headers: dict[str, str]) -> tuple[float, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(url: str, headers: dict[str, str], servers: dict[str, LiveServer]) -> tuple[float, float, dict]:
+    """(requests/s, 1-token ms, CPU ms per request of each of `servers` during the throughput run)."""
     probe_ms(url, headers)  # warm: the base model loads
-    return asyncio.run(throughput(url, headers)), probe_ms(url, headers)
+    before = {name: cpu_seconds(server.pid) for name, server in servers.items()}
+    rps = asyncio.run(throughput(url, headers))
+    cpu = {name: (cpu_seconds(s.pid) - before[name]) * 1000 / REQUESTS for name, s in servers.items()}
+    return rps, probe_ms(url, headers), cpu
 
 
 def pin(server: LiveServer | None, cpu: int) -> None:
@@ -102,7 +112,7 @@ def main() -> None:
             "TUNESERVE_DATA_DIR": str(tmp / "replica"),
             "TUNESERVE_INTERNAL_TOKEN": TOKEN,
         }
-        results: dict[str, list[tuple[float, float]]] = {"in_process": [], "relayed": [], "direct": []}
+        results: dict[str, list[tuple[float, float, dict]]] = {"in_process": [], "relayed": [], "direct": []}
         with LiveServer(replica_env, tmp / "replica.log", command="inference") as replica:
             if pinned:
                 pin(replica, 0)
@@ -117,14 +127,16 @@ def main() -> None:
                 with LiveServer(solo_env, tmp / "solo.log") as solo:
                     if pinned:
                         pin(solo, 0)
-                    results["in_process"].append(measure(solo.url, user))
+                    results["in_process"].append(measure(solo.url, user, {"server": solo}))
                 with LiveServer(relay_env, tmp / "api.log") as api:
                     if pinned:
                         pin(api, 1)
-                    results["relayed"].append(measure(api.url, user))
-                results["direct"].append(measure(replica.url, internal))
-    rps = {name: max(r for r, _ in runs) for name, runs in results.items()}
-    ms = {name: min(m for _, m in runs) for name, runs in results.items()}
+                    results["relayed"].append(measure(api.url, user, {"api": api, "replica": replica}))
+                results["direct"].append(measure(replica.url, internal, {"replica": replica}))
+    rps = {name: max(r for r, _, _ in runs) for name, runs in results.items()}
+    ms = {name: min(m for _, m, _ in runs) for name, runs in results.items()}
+    # CPU per request, from each setup's faster run.
+    cpu = {name: max(runs, key=lambda run: run[0])[2] for name, runs in results.items()}
     figures = {
         "pinned": pinned,
         "rps_in_process": round(rps["in_process"], 2),
@@ -137,6 +149,10 @@ def main() -> None:
         "one_token_ms_relayed": round(ms["relayed"], 1),
         "relay_added_ms": round(ms["relayed"] - ms["in_process"], 1),
         "relay_added_ms_vs_direct": round(ms["relayed"] - ms["direct"], 1),
+        "cpu_ms_per_request_in_process": round(cpu["in_process"]["server"], 2),
+        "cpu_ms_per_request_direct_replica": round(cpu["direct"]["replica"], 2),
+        "cpu_ms_per_request_relayed_replica": round(cpu["relayed"]["replica"], 2),
+        "cpu_ms_per_request_relayed_api": round(cpu["relayed"]["api"], 2),
     }
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
 
