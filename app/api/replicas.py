@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -53,11 +54,19 @@ class ReplicaPool:
         self._token = token
         self._down_until: dict[str, float] = {}
         # No read timeout: a generation takes as long as it takes, and the client's disconnect ends it. Every
-        # stream holds a connection for its whole answer, so the pool is sized for many at once.
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(30.0, connect=2.0, read=None),
-            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=100),
-        )
+        # stream holds a connection for its whole answer, so the pool is sized for many at once. Made on first
+        # use, inside the server's event loop.
+        self._session: aiohttp.ClientSession | None = None
+        self._in_flight = 0  # relays open (one connection each), counted here so overload is refused at once
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=None),
+                auto_decompress=False,  # bytes are relayed as the replica sent them
+            )
+        return self._session
 
     def _order(self, model: str) -> list[str]:
         now = time.monotonic()
@@ -77,38 +86,46 @@ class ReplicaPool:
         }
         if request_id:
             headers["x-request-id"] = request_id
+        if self._in_flight >= MAX_CONNECTIONS:  # this API is at its limit of open relays: overload, fail fast
+            raise ServiceUnavailable("Too many requests in flight. Retry shortly.", code="server_busy")
         for replica in self._order(model):
-            outgoing = self._client.build_request("POST", f"{replica}{path}", content=body, headers=headers)
             try:
-                upstream = await self._client.send(outgoing, stream=True)
-            except httpx.PoolTimeout:  # this API is at its limit of open relays: overload, not a dead replica
-                raise ServiceUnavailable("Too many requests in flight. Retry shortly.", code="server_busy") from None
-            except httpx.TransportError:  # nothing was answered: the request can go to the next replica
+                upstream = await self._client().post(f"{replica}{path}", data=body, headers=headers)
+            except (TimeoutError, aiohttp.ClientError, OSError):  # nothing was answered: try the next replica
                 self._down_until[replica] = time.monotonic() + DOWN_SECONDS
                 continue
             self._down_until.pop(replica, None)
             return self._relay(upstream, replica)
         raise ServiceUnavailable("No inference replica is reachable. Retry shortly.", code="inference_unavailable")
 
-    def _relay(self, upstream: httpx.Response, replica: str) -> StreamingResponse:
-        headers = {k: v for k, v in upstream.headers.items() if k in RELAYED_HEADERS or k.startswith("x-ratelimit-")}
+    def _relay(self, upstream: aiohttp.ClientResponse, replica: str) -> StreamingResponse:
+        headers = {
+            k.lower(): v
+            for k, v in upstream.headers.items()
+            if k.lower() in RELAYED_HEADERS or k.lower().startswith("x-ratelimit-")
+        }
         headers[REPLICA_HEADER] = replica
         streamed = upstream.headers.get("content-type", "").startswith("text/event-stream")
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for chunk in upstream.aiter_raw():
+                async for chunk in upstream.content.iter_any():
                     yield chunk
-            except httpx.TransportError:  # the replica died mid-answer: the 200 is out, say it in the stream
+            except (aiohttp.ClientError, OSError):  # the replica died mid-answer: the 200 is out, say so in the stream
                 self._down_until[replica] = time.monotonic() + DOWN_SECONDS
                 if streamed:
                     yield REPLICA_LOST_EVENT
 
+        def ended() -> None:
+            self._in_flight -= 1
+
+        self._in_flight += 1
         media_type = upstream.headers.get("content-type")
-        return _Relayed(upstream, body(), status_code=upstream.status_code, headers=headers, media_type=media_type)
+        return _Relayed(upstream, ended, body(), status_code=upstream.status, headers=headers, media_type=media_type)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 class _Relayed(StreamingResponse):
@@ -116,12 +133,18 @@ class _Relayed(StreamingResponse):
     cancels it before the first chunk (a client that left while the replica was still answering). Closing it is
     what tells the replica, which then stops the sequences."""
 
-    def __init__(self, upstream: httpx.Response, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, upstream: aiohttp.ClientResponse, ended: Callable[[], None], *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._upstream = upstream
+        # Once, when the relay ends, or when this object is collected should it never be sent: the count of open
+        # relays must not creep up, or the API would refuse everything.
+        self._ended = weakref.finalize(self, ended)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._upstream.aclose()
+            # Read to the end, the connection goes back to the pool; otherwise release() closes it, which the
+            # replica sees as the client leaving (tests/api/test_replica_relay.py).
+            self._upstream.release()
+            self._ended()
