@@ -194,8 +194,11 @@ class InferenceEngine:
             raise NotFound(f"The model '{request.base_model}' does not exist", param="model", code="model_not_found")
         if not request.prompt_ids:
             raise InvalidRequest("The prompt is empty", param="prompt")
-        if request.max_tokens < 1:
+        if request.max_tokens < (0 if request.prompt_logprobs else 1):
+            # 0 only scores the prompt, which only a request asking for the prompt's logprobs can want.
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        if request.logprobs is not None and request.logprobs < 0:
+            raise InvalidRequest("logprobs must be at least 0", param="logprobs")
         if request.temperature < 0 or not 0 < request.top_p <= 1:
             raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]", param="temperature")
 

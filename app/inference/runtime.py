@@ -58,12 +58,16 @@ class BaseModelRuntime:
         """The model's forward with `cache` as its KV cache (the argument was renamed within transformers 5)."""
         return self.model(**{self._cache_argument: cache}, use_cache=True, **inputs)
 
-    def next_token_logits(self, cache: DynamicCache, **inputs: torch.Tensor | int) -> torch.Tensor:
-        """`forward`, then each row's float32 logits at its last position [rows, vocab]."""
+    def logits(self, cache: DynamicCache, **inputs: torch.Tensor | int) -> torch.Tensor:
+        """`forward`, then its logits [rows, positions kept, vocab] in the model's dtype."""
         logits = self.forward(cache, **inputs).logits
         if logits is None:  # a causal LM always returns them; the output type declares them optional
             raise RuntimeError(f"the base model '{self.name}' returned no logits")
-        return logits[:, -1, :].float()
+        return logits
+
+    def next_token_logits(self, cache: DynamicCache, **inputs: torch.Tensor | int) -> torch.Tensor:
+        """`forward`, then each row's float32 logits at its last position [rows, vocab]."""
+        return self.logits(cache, **inputs)[:, -1, :].float()
 
     def new_cache(self) -> DynamicCache:
         """An empty cache whose every layer keeps all keys and values, sliding-window layers included: the window is

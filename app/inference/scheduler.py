@@ -25,10 +25,12 @@ import torch
 from app.errors import ServiceUnavailable
 from app.inference.adapter_cache import AdapterCache
 from app.inference.kv_batch import KVBatch
+from app.inference.logprobs import token_logprobs
 from app.inference.metrics import EngineMetrics
 from app.inference.runtime import BaseModelRuntime
 from app.inference.sampling import sample_token
 from app.inference.sequence import PendingRequest, Sequence
+from app.inference.types import TokenLogprob
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -201,10 +203,18 @@ class BatchScheduler:
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         runtime.lora.use([row.slot for row in rows])
         cache = runtime.new_cache()
-        logits = runtime.next_token_logits(
-            cache, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+        scoring = [i for i, row in enumerate(rows) if row.request.prompt_logprobs]
+        # Scoring a prompt needs the logits at every position (0 keeps all); otherwise only the last one's.
+        logits = runtime.logits(
+            cache, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=0 if scoring else 1
         )
-        return rows, cache, mask, logits
+        for i in scoring:
+            # Row i's prompt fills the last len(prompt) columns; the logits at a column score the next column's token.
+            prompt = prompts[i]
+            rows[i].prompt_logprobs = token_logprobs(
+                logits[i, width - len(prompt) : width - 1], prompt[1:], rows[i].request.logprobs or 0
+            )
+        return rows, cache, mask, logits[:, -1, :].float()
 
     def _decode_step(self) -> None:
         runtime = self._runtime
@@ -231,7 +241,11 @@ class BatchScheduler:
         self._kv.keep(keep)
 
     def _accept(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per row from logits [rows, vocab] and hand it to the row."""
+        """Sample one token per row from logits [rows, vocab] and hand it to the row (with its logprob when the
+        request asked for them); a row that only scores its prompt ends instead."""
+        reporting = [i for i, row in enumerate(rows) if row.request.logprobs is not None and not row.scores_only]
+        # The model's own distribution: taken before stop ids are suppressed and before temperature or top_p.
+        raw = logits[reporting] if reporting else None  # a copy
         suppress = [i for i, row in enumerate(rows) if row.suppress_stop_ids]
         if suppress:
             index = torch.tensor(suppress, device=logits.device)
@@ -241,8 +255,12 @@ class BatchScheduler:
         # batch goes on. (-inf is fine: suppressed stop ids.)
         broken = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
         failed: list[Sequence] = []
+        sampled: dict[int, int] = {}
         for i, row in enumerate(rows):
             request = row.request
+            if row.scores_only:
+                row.end_scored()
+                continue
             try:
                 if broken[i]:
                     raise FloatingPointError("the model produced non-finite logits for this sequence")
@@ -254,10 +272,28 @@ class BatchScheduler:
                 log.exception("sampling failed for one sequence; failing it alone")
                 failed.append(row)
                 continue
-            row.accept(token)
-        self._metrics.add("generated_tokens_total", len(rows) - len(failed))
+            sampled[i] = token
+        scored = self._score_sampled(rows, reporting, raw, sampled) if raw is not None else {}
+        for i, token in sampled.items():
+            rows[i].accept(token, scored.get(i))
+        self._metrics.add("generated_tokens_total", len(sampled))
         if failed:
             self._fail_running(failed)
+
+    @staticmethod
+    def _score_sampled(
+        rows: list[Sequence], reporting: list[int], raw: torch.Tensor, sampled: dict[int, int]
+    ) -> dict[int, TokenLogprob]:
+        """The logprob of each sampled token of the rows that report them; `raw` holds those rows' logits."""
+        scored: dict[int, TokenLogprob] = {}
+        by_top: dict[int, list[int]] = {}  # one top-k per distinct k in the batch (usually one)
+        for j, i in enumerate(reporting):
+            if i in sampled:
+                by_top.setdefault(rows[i].request.logprobs or 0, []).append(j)
+        for top, picked in by_top.items():
+            scores = token_logprobs(raw[picked], [sampled[reporting[j]] for j in picked], top)
+            scored.update({reporting[j]: score for j, score in zip(picked, scores, strict=True)})
+        return scored
 
     def _fail_running(self, failed: list[Sequence]) -> None:
         """Take `failed` rows out of the running batch and fail their requests; the other rows continue."""

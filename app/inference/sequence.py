@@ -11,7 +11,7 @@ from app.inference.adapter_cache import AdapterEntry
 from app.inference.handle import GenerationHandle
 from app.inference.sampling import make_generator
 from app.inference.text_stream import IncrementalDetokenizer, StopStringFilter
-from app.inference.types import Finished, FinishReason, GenerationRequest, TextDelta
+from app.inference.types import Finished, FinishReason, GenerationRequest, TextDelta, TokenLogprob
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -55,20 +55,30 @@ class Sequence:
         context = request.prompt_ids if request.continues_prompt else None
         self._detokenizer = IncrementalDetokenizer(tokenizer, context=context)
         self._stop_filter = StopStringFilter(request.stop)
+        self._logprobs: list[TokenLogprob] = []  # accepted tokens whose logprobs have not been sent yet
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # set by the prefill when the request asks
+
+    @property
+    def scores_only(self) -> bool:
+        """A request that scores its prompt and generates nothing (max_tokens 0)."""
+        return self.request.max_tokens == 0
 
     @property
     def suppress_stop_ids(self) -> bool:
         return self.completion_tokens < self.request.min_tokens
 
-    def accept(self, token: int) -> None:
-        """Record a sampled token: emit text, or finish on end-of-turn, a stop string or max_tokens."""
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Record a sampled token (with its logprob when the request asked): emit text, or finish on end-of-turn,
+        a stop string or max_tokens."""
         self.completion_tokens += 1
+        if logprob is not None:
+            self._logprobs.append(logprob)
         if token in self._stop_ids:
             self._finish("stop")
             return
         text = self._stop_filter.feed(self._detokenizer.add(token))
         if text:
-            self.handle.push(TextDelta(text))
+            self._push(text)
         if self._stop_filter.stopped:
             self._finish("stop")
         elif self.completion_tokens >= self.request.max_tokens:
@@ -76,13 +86,17 @@ class Sequence:
         else:
             self.last_token = token
 
+    def end_scored(self) -> None:
+        """A prompt-scoring request is done once its prompt is scored."""
+        self._finish("length")
+
     def cancel(self) -> None:
         self.finish_reason = "cancelled"
 
     def finished_event(self) -> Finished:
         if self.finish_reason is None:
             raise RuntimeError("a sequence is finished only once it has a finish reason")
-        return Finished(self.finish_reason, len(self.request.prompt_ids), self.completion_tokens)
+        return Finished(self.finish_reason, len(self.request.prompt_ids), self.completion_tokens, self.prompt_logprobs)
 
     def _finish(self, reason: FinishReason) -> None:
         if not self._stop_filter.stopped:
@@ -92,6 +106,12 @@ class Sequence:
             else:
                 tail += self._stop_filter.finish()
             if tail:
-                self.handle.push(TextDelta(tail))
+                self._push(tail)
+        if self._logprobs:  # tokens that added no text (end of turn, a stop string) still report theirs
+            self._push("")
         # The scheduler sends Finished once its bookkeeping is done (see BatchScheduler._done).
         self.finish_reason = reason
+
+    def _push(self, text: str) -> None:
+        self.handle.push(TextDelta(text, self._logprobs))
+        self._logprobs = []

@@ -36,6 +36,11 @@ class GenerationRequest:
     Mistral's write between the opening and the answer (`" " + content|trim`).
 
     `owner`: who asked (the API passes the project); see the scheduler's fair admission.
+
+    `logprobs`: None, or report each generated token's log-probability with the `logprobs` likeliest alternatives
+    (0: the chosen token only). `prompt_logprobs`: also score the prompt's tokens (each given the ones before it),
+    with the same number of alternatives; with `max_tokens` 0 the request only scores its prompt. Log-probabilities
+    are the model's own distribution, before temperature, top_p and min_tokens change what is sampled.
     """
 
     base_model: str
@@ -51,13 +56,31 @@ class GenerationRequest:
     # Who asked (the project): admission shares the engine between owners round-robin, and caps what one owner
     # may have waiting, so one owner's burst cannot starve the others.
     owner: str = ""
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability, and the `top` likeliest tokens at its position as (token id, logprob), likeliest
+    first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
 class TextDelta:
-    """New text of a completion; always whole characters (never a split UTF-8 sequence)."""
+    """New text of a completion; always whole characters (never a split UTF-8 sequence).
+
+    `logprobs`: when the request asked, the generated tokens accepted since the previous delta, in order. A token
+    whose text is still held back (an unfinished UTF-8 sequence, a possible stop string) travels with the delta
+    that carries its text; the tokens after the last text travel with a closing delta of empty text.
+    """
 
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -66,8 +89,10 @@ class Finished:
 
     `finish_reason`: "stop" (end-of-turn token or a stop string), "length" (max_tokens reached) or "cancelled"
     (the handle was cancelled). `completion_tokens` counts every generated token, end-of-turn included.
+    `prompt_logprobs`: when asked, the prompt's tokens from the second on (the first has nothing to be scored on).
     """
 
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    prompt_logprobs: list[TokenLogprob] | None = None

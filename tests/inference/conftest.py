@@ -136,7 +136,7 @@ async def collect(handle) -> tuple[str, Finished]:
     async for event in handle:
         assert finished is None, "nothing may follow Finished"
         if isinstance(event, TextDelta):
-            assert event.text
+            assert event.text or event.logprobs, "a delta carries text, or the logprobs of tokens without text"
             text += event.text
         else:
             assert isinstance(event, Finished)
