@@ -56,6 +56,12 @@ class Settings(BaseSettings):
 
     # Inference.
     max_tokens_limit: int = Field(default=4096, ge=1)  # per request
+    # Alternatives per token that `logprobs` (completions) and `top_logprobs` (chat) may ask for. OpenAI allows 5 on
+    # completions and 20 on chat; each costs a top-k over the vocabulary per token.
+    max_logprobs: int = Field(default=20, ge=0)
+    # The model /tokenize, /detokenize and /tokenizer_info use when a request names none (vLLM serves one model;
+    # clients such as lm-eval do not name it there).
+    default_model: str = "tuneserve-tiny"
     # One request may not occupy the engine alone: prompts x n sequences, and messages in a conversation.
     max_sequences_per_request: int = Field(default=64, ge=1)
     max_messages_per_request: int = Field(default=2048, ge=1)

@@ -17,7 +17,7 @@ from app.api.idempotency import install_replay_handler
 from app.api.json_bodies import install_json_body_guard
 from app.api.replicas import ReplicaPool
 from app.api.request_id import install_request_ids
-from app.api.routes import completions, files, fine_tuning, forwarding, health, models
+from app.api.routes import completions, files, fine_tuning, forwarding, health, models, tokenization
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.inference import InferenceEngine
@@ -119,5 +119,6 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "infere
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(models.router)
+    app.include_router(tokenization.router)
     app.include_router(forwarding.router if forwards else completions.router)
     return app

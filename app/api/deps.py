@@ -23,6 +23,7 @@ from app.ml.registry import BaseModelRegistry
 from app.services import keys
 from app.services.completions import Serving
 from app.services.keys import CurrentProject
+from app.services.tokenization import Tokenization
 from app.storage import Storage
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `tuneserve keys create`.")
@@ -132,3 +133,12 @@ async def serving(
 
 
 ServingDep = Annotated[Serving, Depends(serving)]
+
+
+async def tokenization(
+    project: ProjectDep, session: SessionDep, registry: RegistryDep, settings: SettingsDep
+) -> Tokenization:
+    return Tokenization(session, project, registry, settings)
+
+
+TokenizationDep = Annotated[Tokenization, Depends(tokenization)]

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from app.api.errors import CLIENT_CLOSED_REQUEST
 from app.errors import TuneserveError
-from app.inference import Finished, GenerationHandle, TextDelta
+from app.inference import Finished, GenerationHandle, TextDelta, TokenLogprob
 from app.schemas.errors import ErrorBody, ErrorResponse
 from app.services.completion_responses import Answer
 
@@ -51,10 +51,12 @@ async def respond(
 
 async def _read(handle: GenerationHandle) -> Answer:
     parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     async for event in handle:
         if isinstance(event, Finished):  # always the last event
-            return Answer("".join(parts), event)
+            return Answer("".join(parts), event, logprobs)
         parts.append(event.text)
+        logprobs += event.logprobs
     raise RuntimeError("a generation ended without its Finished event")
 
 

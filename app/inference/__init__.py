@@ -2,6 +2,14 @@
 
 from app.inference.engine import InferenceEngine
 from app.inference.handle import GenerationHandle
-from app.inference.types import AdapterRef, Finished, GenerationRequest, TextDelta
+from app.inference.types import AdapterRef, Finished, GenerationRequest, TextDelta, TokenLogprob
 
-__all__ = ["AdapterRef", "Finished", "GenerationHandle", "GenerationRequest", "InferenceEngine", "TextDelta"]
+__all__ = [
+    "AdapterRef",
+    "Finished",
+    "GenerationHandle",
+    "GenerationRequest",
+    "InferenceEngine",
+    "TextDelta",
+    "TokenLogprob",
+]

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
+from pydantic_core import PydanticCustomError
 
 from app.schemas.json_types import INTEGRAL, JsonInt
 
@@ -49,13 +59,33 @@ class SamplingParams(BaseModel):
     logit_bias: dict[str, float] | None = None
 
 
+TokenId = Annotated[int, Field(ge=0), INTEGRAL]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
 class CompletionRequest(SamplingParams):
-    prompt: str | list[str]
-    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = 16
+    # Text, several texts, token ids, or several lists of token ids, as OpenAI accepts them.
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    # 0 with `echo` scores the prompt and generates nothing (the loglikelihood requests of evaluation harnesses).
+    max_tokens: Annotated[int, Field(ge=0), INTEGRAL] | None = 16
     echo: bool = False
-    logprobs: JsonInt | None = None
+    # The log-probability of each token and of the `logprobs` likeliest alternatives (0: the token's own only).
+    logprobs: Annotated[int, Field(ge=0), INTEGRAL] | None = None
     suffix: str | None = None
     best_of: JsonInt | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_error_for_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # A prompt that fits none of the four shapes fails once per shape; one message names what is accepted.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "prompt_shape",
+                "expected a string, a list of strings, a non-empty list of token ids (integers >= 0) or a list of "
+                "such lists",
+            ) from None
 
 
 class ChatMessage(BaseModel):
@@ -73,7 +103,7 @@ class ChatCompletionRequest(SamplingParams):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: JsonInt | None = None
+    top_logprobs: Annotated[int, Field(ge=0), INTEGRAL] | None = None
     response_format: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -85,10 +115,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token of the choice's text (the echoed prompt's first, with `null` for its first token, which nothing
+    predicts): the token as text, its logprob, the likeliest alternatives by their text, and where the token starts
+    in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -102,6 +143,21 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's UTF-8 bytes: tokens may hold part of a character
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
@@ -111,7 +167,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -144,7 +200,7 @@ class _UsageOnlyWhenAsked(BaseModel):
 class CompletionChunkChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -172,7 +228,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

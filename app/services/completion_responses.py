@@ -5,11 +5,11 @@ of a server-sent event stream in the shapes the openai SDK parses. Routes stay t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from app import ids
-from app.inference import Finished, TextDelta
+from app.inference import Finished, TextDelta, TokenLogprob
 from app.schemas.completions import (
     AssistantMessage,
     ChatChoice,
@@ -18,16 +18,20 @@ from app.schemas.completions import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
+    CompletionLogprobs,
     CompletionRequest,
     FinishReason,
     SamplingParams,
+    TopLogprob,
     Usage,
 )
-from app.services.completions import Prepared
+from app.services.completions import Prepared, decode
 
 Chunk = TypeVar("Chunk", CompletionChunk, ChatCompletionChunk)
 
@@ -38,6 +42,7 @@ class Answer:
 
     text: str
     finished: Finished
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked
 
 
 def finish_reason(finished: Finished) -> FinishReason:
@@ -65,6 +70,15 @@ class _Responses(Generic[Chunk]):
         self.stream = request.stream
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
         self.prepared = prepared
+        self._token_texts: dict[int, str] = {}
+
+    def _token_text(self, token: int) -> str:
+        """A token as text, special tokens included; a token holding part of a UTF-8 character decodes to U+FFFD,
+        which is why chat logprobs carry `bytes` too."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = decode(self.prepared.tokenizer, [token])
+        return text
 
     def _chunk(self, choices: list[Any]) -> Chunk:
         chunk = self.chunk_type(id=self.id, created=self.created, model=self.model, choices=choices)
@@ -96,32 +110,74 @@ class CompletionResponses(_Responses[CompletionChunk]):
     def __init__(self, request: CompletionRequest, prepared: Prepared) -> None:
         super().__init__(request, prepared, ids.completion_id())
         self._n, self._echo_prompt = request.n, request.echo
+        self._logprobs = request.logprobs is not None
+        self._offsets: dict[int, int] = {}  # where each streamed choice's next token starts in its text
 
     def _echo(self, index: int) -> str:
         return self.prepared.prompt_texts[index // self._n] if self._echo_prompt else ""
 
-    def _text_chunk(self, index: int, text: str, reason: FinishReason | None = None) -> CompletionChunk:
-        return self._chunk([CompletionChunkChoice(index=index, text=text, finish_reason=reason)])
+    def _scores(self, scores: list[TokenLogprob], offset: int, prompt: list[int] | None = None) -> CompletionLogprobs:
+        """The wire logprobs of `scores`, after the prompt's tokens when echoing it (`prompt`: its ids; the first
+        has no logprob). Offsets count from `offset`."""
+        entries: list[tuple[str, float | None, dict[str, float] | None]] = []
+        if prompt is not None:
+            entries.append((self._token_text(prompt[0]), None, None))
+        for score in scores:
+            top: dict[str, float] = {}
+            for token, logprob in score.top:  # likeliest first: of two tokens with one text, the likelier stays
+                top.setdefault(self._token_text(token), logprob)
+            entries.append((self._token_text(score.token), score.logprob, top))
+        offsets = []
+        for text, _, _ in entries:
+            offsets.append(offset)
+            offset += len(text)
+        return CompletionLogprobs(
+            tokens=[text for text, _, _ in entries],
+            token_logprobs=[logprob for _, logprob, _ in entries],
+            top_logprobs=[top for _, _, top in entries],
+            text_offset=offsets,
+        )
+
+    def _text_chunk(
+        self, index: int, text: str, reason: FinishReason | None = None, logprobs: CompletionLogprobs | None = None
+    ) -> CompletionChunk:
+        return self._chunk([CompletionChunkChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)])
 
     def opening_chunk(self, index: int) -> CompletionChunk | None:
         """The echoed prompt, when asked for; otherwise a completion stream has no opening chunk."""
         echo = self._echo(index)
+        self._offsets[index] = len(echo)
         return self._text_chunk(index, echo) if echo else None
 
     def event_chunk(self, index: int, event: TextDelta | Finished) -> CompletionChunk:
-        if isinstance(event, TextDelta):
-            return self._text_chunk(index, event.text)
-        return self._text_chunk(index, "", finish_reason(event))
+        if isinstance(event, Finished):
+            return self._text_chunk(index, "", finish_reason(event))
+        logprobs = None
+        if self._logprobs:
+            logprobs = self._scores(event.logprobs, self._offsets.get(index, 0))
+            self._offsets[index] = self._offsets.get(index, 0) + sum(len(token) for token in logprobs.tokens)
+        return self._text_chunk(index, event.text, logprobs=logprobs)
+
+    def _choice(self, index: int, answer: Answer) -> CompletionChoice:
+        echo = self._echo(index)
+        logprobs = None
+        if self._logprobs:
+            prompt_scores = answer.finished.prompt_logprobs
+            if self._echo_prompt and prompt_scores is not None:
+                prompt = self.prepared.requests[index].prompt_ids
+                logprobs = self._scores(prompt_scores + answer.logprobs, 0, prompt)
+            else:
+                logprobs = self._scores(answer.logprobs, 0)
+        return CompletionChoice(
+            index=index, text=echo + answer.text, logprobs=logprobs, finish_reason=finish_reason(answer.finished)
+        )
 
     def whole(self, answers: list[Answer]) -> Completion:
         return Completion(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[
-                CompletionChoice(index=i, text=self._echo(i) + a.text, finish_reason=finish_reason(a.finished))
-                for i, a in enumerate(answers)
-            ],
+            choices=[self._choice(i, a) for i, a in enumerate(answers)],
             usage=self._usage(answers),
         )
 
@@ -133,9 +189,26 @@ class ChatCompletionResponses(_Responses[ChatCompletionChunk]):
 
     def __init__(self, request: ChatCompletionRequest, prepared: Prepared) -> None:
         super().__init__(request, prepared, ids.chat_completion_id())
+        self._logprobs = bool(request.logprobs)
 
-    def _delta_chunk(self, index: int, delta: ChatDelta, reason: FinishReason | None = None) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(index=index, delta=delta, finish_reason=reason)])
+    def _top_logprob(self, token: int, logprob: float) -> TopLogprob:
+        text = self._token_text(token)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    def _scores(self, scores: list[TokenLogprob]) -> ChoiceLogprobs | None:
+        if not self._logprobs:
+            return None
+        content = []
+        for score in scores:
+            own = self._top_logprob(score.token, score.logprob)
+            top = [self._top_logprob(token, logprob) for token, logprob in score.top]
+            content.append(ChatTokenLogprob(**own.model_dump(), top_logprobs=top))
+        return ChoiceLogprobs(content=content)
+
+    def _delta_chunk(
+        self, index: int, delta: ChatDelta, reason: FinishReason | None = None, logprobs: ChoiceLogprobs | None = None
+    ) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)])
 
     def opening_chunk(self, index: int) -> ChatCompletionChunk:
         """Every choice opens with the assistant's role and empty content, as OpenAI streams it."""
@@ -143,7 +216,7 @@ class ChatCompletionResponses(_Responses[ChatCompletionChunk]):
 
     def event_chunk(self, index: int, event: TextDelta | Finished) -> ChatCompletionChunk:
         if isinstance(event, TextDelta):
-            return self._delta_chunk(index, ChatDelta(content=event.text))
+            return self._delta_chunk(index, ChatDelta(content=event.text), logprobs=self._scores(event.logprobs))
         return self._delta_chunk(index, ChatDelta(), finish_reason(event))
 
     def whole(self, answers: list[Answer]) -> ChatCompletion:
@@ -152,7 +225,12 @@ class ChatCompletionResponses(_Responses[ChatCompletionChunk]):
             created=self.created,
             model=self.model,
             choices=[
-                ChatChoice(index=i, message=AssistantMessage(content=a.text), finish_reason=finish_reason(a.finished))
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=a.text),
+                    logprobs=self._scores(a.logprobs),
+                    finish_reason=finish_reason(a.finished),
+                )
                 for i, a in enumerate(answers)
             ],
             usage=self._usage(answers),

@@ -4,7 +4,7 @@ caller's project, render the prompt exactly as training did, and check the limit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,7 @@ class Prepared:
     requests: list[GenerationRequest]
     prompt_tokens: int
     prompt_texts: list[str]  # for `echo`
+    tokenizer: PreTrainedTokenizerBase  # the served model's: logprobs name their tokens with it
     rate_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
 
 
@@ -66,6 +67,30 @@ def _check_sequences(n_prompts: int, n: int, settings: Settings) -> None:
         )
 
 
+def _check_logprobs(requested: int | None, param: str, settings: Settings) -> None:
+    if requested is not None and requested > settings.max_logprobs:
+        raise InvalidRequest(
+            f"{param} is at most {settings.max_logprobs} on this server.", param=param, code="invalid_value"
+        )
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The request's prompts, each a text or a list of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [prompt]
+    return list(cast("list[str] | list[list[int]]", prompt))
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
+    """The text of token ids, special tokens included."""
+    text = tokenizer.decode(token_ids)
+    if not isinstance(text, str):  # decode answers a list for a batch of sequences, never for one
+        raise TypeError("decoding one sequence gave several")
+    return text
+
+
 def _max_tokens(requested: int | None, param: str, prompt_len: int, context: int, settings: Settings) -> int:
     if requested is not None and requested > settings.max_tokens_limit:
         raise InvalidRequest(
@@ -88,6 +113,8 @@ def _expand(
     *,
     chat: bool,
     owner: str,
+    logprobs: int | None = None,
+    prompt_logprobs: bool = False,
 ) -> list[GenerationRequest]:
     # With n > 1 and a seed, each choice gets its own seed so the n answers differ but stay reproducible.
     return [
@@ -104,13 +131,16 @@ def _expand(
             # message of its own, whatever space the template wrote before it.
             continues_prompt=not chat,
             owner=owner,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         for ids in prompts
         for j in range(params.n)
     ]
 
 
-def _message_dict(message: ChatMessage) -> dict[str, Any]:
+def message_dict(message: ChatMessage) -> dict[str, Any]:
+    """A request's message as chat rendering takes it (text parts joined; developer is the system role)."""
     content = message.content
     if isinstance(content, list):
         parts = []
@@ -149,32 +179,49 @@ class Serving:
 
     def prepare_completion(self, request: CompletionRequest) -> Prepared:
         best_of = (request.best_of or 1) > 1
-        _refuse_unsupported(request, logprobs=request.logprobs, suffix=request.suffix, best_of=best_of)
+        _refuse_unsupported(request, suffix=request.suffix, best_of=best_of)
         stop = _stop(request)
-        texts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
-        if not texts:
+        given = _prompts(request.prompt)
+        if not given:
             raise InvalidRequest("prompt must not be empty.", param="prompt")
-        _check_sequences(len(texts), request.n, self.settings)
-        base, adapter, tokenizer, context = self._model(request)
-        prompts = [render_completion_prompt(text, tokenizer) for text in texts]
-        max_tokens = _max_tokens(request.max_tokens, "max_tokens", max(map(len, prompts)), context, self.settings)
-        return self._admitted(
-            Prepared(
-                _expand(request, base, adapter, prompts, max_tokens, stop, chat=False, owner=self.project.id),
-                sum(map(len, prompts)),
-                texts,
+        _check_sequences(len(given), request.n, self.settings)
+        _check_logprobs(request.logprobs, "logprobs", self.settings)
+        if request.max_tokens == 0 and not request.echo:
+            raise InvalidRequest(
+                "max_tokens 0 generates nothing; it is for scoring a prompt with echo and logprobs.",
+                param="max_tokens",
             )
+        if request.stream and request.echo and request.logprobs is not None:
+            raise InvalidRequest(
+                "echo with logprobs is not supported when streaming; ask without stream.", param="echo"
+            )
+        base, adapter, tokenizer, context = self._model(request)
+        # Token ids are the model's input as they are; text gets BOS as training rendered it.
+        prompts = [render_completion_prompt(p, tokenizer) if isinstance(p, str) else p for p in given]
+        texts = [p if isinstance(p, str) else decode(tokenizer, p) for p in given]
+        max_tokens = _max_tokens(request.max_tokens, "max_tokens", max(map(len, prompts)), context, self.settings)
+        requests = _expand(
+            request,
+            base,
+            adapter,
+            prompts,
+            max_tokens,
+            stop,
+            chat=False,
+            owner=self.project.id,
+            logprobs=request.logprobs,
+            # The echoed prompt's tokens are scored too; max_tokens 0 asks only for that.
+            prompt_logprobs=request.echo and (request.logprobs is not None or max_tokens == 0),
         )
+        return self._admitted(Prepared(requests, sum(map(len, prompts)), texts, tokenizer))
 
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         response_format = (request.response_format or {}).get("type", "text")
-        _refuse_unsupported(
-            request,
-            logprobs=request.logprobs,
-            top_logprobs=request.top_logprobs,
-            response_format=response_format != "text",
-        )
+        _refuse_unsupported(request, response_format=response_format != "text")
         stop = _stop(request)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs set to true.", param="top_logprobs")
+        _check_logprobs(request.top_logprobs, "top_logprobs", self.settings)
         if len(request.messages) > self.settings.max_messages_per_request:
             raise InvalidRequest(
                 f"This conversation has {len(request.messages)} messages; at most "
@@ -184,15 +231,15 @@ class Serving:
             )
         base, adapter, tokenizer, context = self._model(request)
         # The one rendering function training used, so the model sees exactly the prefix it learned from.
-        ids = render_chat_prompt([_message_dict(m) for m in request.messages], tokenizer, tools=request.tools)
+        ids = render_chat_prompt([message_dict(m) for m in request.messages], tokenizer, tools=request.tools)
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         max_tokens = _max_tokens(requested, param, len(ids), context, self.settings)
-        return self._admitted(
-            Prepared(
-                _expand(request, base, adapter, [ids], max_tokens, stop, chat=True, owner=self.project.id), len(ids), []
-            )
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        requests = _expand(
+            request, base, adapter, [ids], max_tokens, stop, chat=True, owner=self.project.id, logprobs=logprobs
         )
+        return self._admitted(Prepared(requests, len(ids), [], tokenizer))
 
     def _admitted(self, prepared: Prepared) -> Prepared:
         """Charge the project's rate limits for the request (prompt tokens and every sequence's max_tokens)."""

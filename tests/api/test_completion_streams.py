@@ -30,12 +30,12 @@ def stream(responses, events: list) -> list[str]:
 
 def completion(**options) -> CompletionResponses:
     request = CompletionRequest(model="m", prompt="hi", stream=True, **options)
-    return CompletionResponses(request, Prepared(requests=[], prompt_tokens=2, prompt_texts=["hi"]))
+    return CompletionResponses(request, Prepared(requests=[], prompt_tokens=2, prompt_texts=["hi"], tokenizer=None))
 
 
 def chat(**options) -> ChatCompletionResponses:
     request = ChatCompletionRequest(model="m", messages=HI, stream=True, **options)
-    return ChatCompletionResponses(request, Prepared(requests=[], prompt_tokens=7, prompt_texts=[]))
+    return ChatCompletionResponses(request, Prepared(requests=[], prompt_tokens=7, prompt_texts=[], tokenizer=None))
 
 
 def line(payload: str) -> str:

@@ -349,9 +349,13 @@ def sampling(case, draw, res):
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name):
             body[name] = 0
-    for name in ("logit_bias", "logprobs", "top_logprobs", "suffix", "best_of"):
+    for name in ("logit_bias", "suffix", "best_of"):
         if body.get(name):
             body[name] = None
+    # Server limits: alternatives per token (max_logprobs, 20).
+    for name in ("logprobs", "top_logprobs"):
+        if isinstance(body.get(name), int | float) and not isinstance(body[name], bool):
+            body[name] = int(body[name]) % 21
     if isinstance(body.get("response_format"), dict) and body["response_format"].get("type", "text") != "text":
         body["response_format"] = None
     # Gap in the schema: `stop` takes at most 4 strings, none empty.
@@ -376,25 +380,67 @@ def completion(case, draw, res):
     # A server limit no schema can state: prompts x n sequences per request (max_sequences_per_request, 64).
     if isinstance(case.body["prompt"], list):
         case.body["prompt"] = case.body["prompt"][: max(1, 64 // int(case.body.get("n") or 1))]
-    if case.body.get("max_tokens") is None:
-        case.body["max_tokens"] = draw(st.integers(1, 8))
-
-
-def chat(case, draw, res):
-    sampling(case, draw, res)
     body = case.body
-    # Only text content parts are served (not images or audio), which the schema leaves open.
-    for message in body["messages"]:
+    # Token ids exist only below the model's vocabulary (256 bytes and a few special tokens).
+    if isinstance(body["prompt"], list) and body["prompt"] and not isinstance(body["prompt"][0], str):
+        lists = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+        for ids in lists:
+            ids[:] = [t % 256 for t in ids]
+    if body.get("max_tokens") is None:
+        body["max_tokens"] = draw(st.integers(1, 8))
+    # max_tokens 0 only scores the prompt with echo; echoed logprobs are not streamed.
+    if body["max_tokens"] == 0 and not body.get("echo"):
+        body["max_tokens"] = 1
+    if body.get("stream") and body.get("echo"):
+        body["logprobs"] = None
+
+
+def text_parts_only(messages: list[dict]) -> None:
+    """Only text content parts are served (not images or audio), which the schema leaves open."""
+    for message in messages:
         if isinstance(message.get("content"), list):
             message["content"] = [
                 {"type": "text", "text": part["text"] if isinstance(part.get("text"), str) else ""}
                 for part in message["content"]
             ]
+
+
+def chat(case, draw, res):
+    sampling(case, draw, res)
+    body = case.body
+    text_parts_only(body["messages"])
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = draw(st.integers(1, 8))
+    # top_logprobs is a count of alternatives to the logprobs asked for.
+    if body.get("top_logprobs") is not None:
+        body["logprobs"] = True
+
+
+def tokenize(case, draw, res):
+    body = case.body
+    body["model"] = draw(st.sampled_from([None, BASE_MODEL, res.fine_tuned_model]))
+    # Gap in the schema: exactly one of prompt and messages.
+    if body.get("prompt") is not None:
+        body["messages"] = None
+    elif body.get("messages") is None:
+        body["prompt"] = draw(st.text(max_size=20))
+    else:
+        text_parts_only(body["messages"])
+
+
+def detokenize(case, draw, res):
+    case.body["model"] = draw(st.sampled_from([None, BASE_MODEL, res.fine_tuned_model]))
+    case.body["tokens"] = [t % 256 for t in case.body["tokens"]]  # ids exist only within the vocabulary
+
+
+def tokenizer_info(case, draw, res):
+    case.query = {**(case.query or {}), "model": draw(st.sampled_from([BASE_MODEL, res.fine_tuned_model]))}
 
 
 POSITIVE_FIXES = {
+    "POST /tokenize": tokenize,
+    "POST /detokenize": detokenize,
+    "GET /tokenizer_info": tokenizer_info,
     "POST /v1/files": upload,
     "GET /v1/files": cursor(lambda res, case: [res.training_file, res.validation_file, res.result_file]),
     "POST /v1/fine_tuning/jobs": create_job,

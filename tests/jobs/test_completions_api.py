@@ -171,7 +171,16 @@ def test_stop_and_echo(client):
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "ft:nope"}, "model"),
         ({"presence_penalty": 1}, "presence_penalty"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": 1, "echo": True, "stream": True}, "echo"),
+        ({"max_tokens": 0, "logprobs": 1}, "max_tokens"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": [1.5]}, "prompt"),
+        ({"prompt": [[1], [-2]]}, "prompt"),
+        ({"prompt": [10**9]}, "prompt"),
         ({"bogus": 1}, "bogus"),
     ],
 )
@@ -240,3 +249,130 @@ def test_one_request_cannot_become_thousands_of_sequences_or_messages(client):
     assert metric(client.get("/metrics").text, "tuneserve_inference_requests_total") == before
     r = client.post("/v1/completions", json={**body, "prompt": ["x"] * 4, "n": 16})  # 64: at the limit
     assert r.status_code == 200 and len(r.json()["choices"]) == 64
+
+
+def sdk(client):
+    """The openai SDK speaking to the app through the test client."""
+    import openai
+
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    return openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=key, http_client=client, max_retries=0)
+
+
+def peft_log_softmax(ctx, adapter, ids: list[int]) -> torch.Tensor:
+    """PEFT's log-softmax [len(ids) - 1, vocab]: row j scores token j + 1 (None: the base model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        ctx.registry.resolve("tuneserve-tiny").name_or_path, dtype=torch.float32
+    )
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.inference_mode():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+
+
+def test_lm_eval_style_scoring_equals_peft(client, ctx, fine_tuned_model):
+    """What lm-evaluation-harness sends for a loglikelihood request: token-id prompts, echo, max_tokens 1,
+    logprobs 1, temperature 0, through the openai SDK. Every prompt token's logprob is PEFT's log-softmax, the first
+    is null, the last entry is the generated token, and top_logprobs holds the likeliest token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ctx.registry.resolve("tuneserve-tiny").name_or_path)
+    prompts = [tokenizer.encode("Question: 2+2? Answer: 4"), tokenizer.encode("The sky is blue")]
+    answer = sdk(client).completions.create(
+        model=fine_tuned_model, prompt=prompts, echo=True, max_tokens=1, logprobs=1, temperature=0, seed=1234
+    )
+    adapter = adapter_path(ctx, fine_tuned_model)
+    for choice, ids in zip(sorted(answer.choices, key=lambda c: c.index), prompts, strict=True):
+        logprobs = choice.logprobs
+        assert len(logprobs.tokens) == len(ids) + 1 and logprobs.token_logprobs[0] is None
+        expected = peft_log_softmax(ctx, adapter, ids)
+        scored = logprobs.token_logprobs[1 : len(ids)]
+        assert scored == pytest.approx([expected[j, ids[j + 1]].item() for j in range(len(ids) - 1)], abs=1e-4)
+        for j, top in enumerate(logprobs.top_logprobs[1 : len(ids)]):
+            assert list(top.values()) == pytest.approx([expected[j].max().item()], abs=1e-4)
+            assert list(top) == [tokenizer.decode([int(expected[j].argmax())])]
+        assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:j])) for j in range(len(ids) + 1)]
+
+
+def test_scoring_only_with_max_tokens_zero(client, ctx):
+    """max_tokens 0 with echo: the prompt scored, nothing generated, on the base model."""
+    r = client.post("/v1/completions", json={"model": "tuneserve-tiny", "prompt": "hello world", "echo": True,
+                                             "max_tokens": 0, "logprobs": 2})  # fmt: skip
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    assert choice["text"] == "hello world" and r.json()["usage"]["completion_tokens"] == 0
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ctx.registry.resolve("tuneserve-tiny").name_or_path)
+    ids = [tokenizer.bos_token_id, *tokenizer.encode("hello world", add_special_tokens=False)]
+    expected = peft_log_softmax(ctx, None, ids)
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == [tokenizer.decode([t]) for t in ids]
+    assert logprobs["token_logprobs"][1:] == pytest.approx(
+        [expected[j, ids[j + 1]].item() for j in range(len(ids) - 1)], abs=1e-4
+    )
+    # Keyed by text: two of the top 2 that decode alike (bytes of one character) are one entry, the likelier.
+    assert all(1 <= len(top) <= 2 for top in logprobs["top_logprobs"][1:]) and logprobs["top_logprobs"][0] is None
+    for j, top in enumerate(logprobs["top_logprobs"][1:]):
+        assert max(top.values()) == pytest.approx(expected[j].max().item(), abs=1e-4)
+
+
+def test_completion_logprobs_streamed_equal_whole(client, fine_tuned_model):
+    body = {"model": fine_tuned_model, "prompt": "Once upon", "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert "".join(whole["logprobs"]["tokens"]) == whole["text"] or whole["finish_reason"] == "stop"
+    streamed = [c["choices"][0] for c in sse_events(client.post("/v1/completions", json={**body, "stream": True}))[:-1]]
+    merged = {key: sum((c["logprobs"][key] for c in streamed if c["logprobs"]), []) for key in whole["logprobs"]}
+    assert merged == whole["logprobs"]
+    assert "".join(c["text"] for c in streamed) == whole["text"]
+
+
+def test_chat_logprobs_through_the_sdk_streamed_and_whole(client, ctx, fine_tuned_model):
+    """A classifier's use: the probability of each answer token, and its alternatives, in OpenAI's shape."""
+    messages = [{"role": "user", "content": "What is 2 plus 2?"}]
+    openai_client = sdk(client)
+    whole = openai_client.chat.completions.create(
+        model=fine_tuned_model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    ).choices[0]
+    content = whole.logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content)  # greedy: its own top
+    assert all(bytes(t.bytes).decode(errors="replace") == t.token for t in content)
+    if whole.finish_reason == "length":
+        assert "".join(t.token for t in content) == whole.message.content
+    stream = openai_client.chat.completions.create(
+        model=fine_tuned_model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+        stream=True,
+    )  # fmt: skip
+    streamed = [t for chunk in stream for choice in chunk.choices if choice.logprobs for t in choice.logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in content]
+    plain = openai_client.chat.completions.create(
+        model=fine_tuned_model, messages=messages, max_tokens=6, temperature=0
+    )
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.message.content
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")],
+)
+def test_chat_logprobs_errors(client, body, param):
+    r = client.post(
+        "/v1/chat/completions", json={"model": "tuneserve-tiny", "messages": [{"role": "user", "content": "x"}], **body}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_a_fine_tuned_model_tokenizes_as_its_base(client, app_client, beta_key, fine_tuned_model):
+    body = {"prompt": "What is 2 plus 2?", "return_token_strs": True}
+    tuned = client.post("/tokenize", json={**body, "model": fine_tuned_model})
+    assert tuned.status_code == 200 and tuned.json() == client.post("/tokenize", json=body).json()
+    info = client.get("/tokenizer_info", params={"model": fine_tuned_model})
+    assert info.status_code == 200 and info.json() == client.get("/tokenizer_info").json()
+    # Another project's model is not found, as everywhere else.
+    beta = {"Authorization": f"Bearer {beta_key}"}
+    r = app_client.post("/tokenize", json={**body, "model": fine_tuned_model}, headers=beta)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
