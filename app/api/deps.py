@@ -135,8 +135,22 @@ async def serving(
 ServingDep = Annotated[Serving, Depends(serving)]
 
 
+def optional_project(session: SessionDep, request: Request) -> CurrentProject | None:
+    """The caller's project when a key is sent (a wrong one is still 401); None when none is. Read from the header
+    itself rather than through the bearer scheme, so the published schema does not state a key is required."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if not scheme:
+        return None
+    project = keys.authenticate(session, key.strip() if scheme.lower() == "bearer" else None)
+    release_connection(session)
+    return project
+
+
 async def tokenization(
-    project: ProjectDep, session: SessionDep, registry: RegistryDep, settings: SettingsDep
+    project: Annotated[CurrentProject | None, Depends(optional_project)],
+    session: SessionDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
 ) -> Tokenization:
     return Tokenization(session, project, registry, settings)
 

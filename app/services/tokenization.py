@@ -1,6 +1,9 @@
 """Tokenizing and detokenizing with a served model's tokenizer: a fine-tuned model tokenizes as its base model,
 and a text as the inference endpoints feed it. The tokenizer alone is loaded (not the weights), so the API
-answers these without an inference engine."""
+answers these without an inference engine.
+
+A base model's tokenizer is answered without an API key, as vLLM answers these endpoints (lm-eval's remote
+tokenizer sends none); a fine-tuned model's only to its project's key."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import TYPE_CHECKING, cast
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import InvalidRequest
+from app.errors import AuthenticationFailed, InvalidRequest
 from app.ml.base_model import load_tokenizer
 from app.ml.chat import ChatTemplateError, render_chat_prompt, render_completion_prompt
 from app.ml.registry import BaseModelInfo, BaseModelRegistry
@@ -38,15 +41,25 @@ def _tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 @dataclass
 class Tokenization:
     session: Session
-    project: CurrentProject
+    project: CurrentProject | None  # None: the caller sent no key
     registry: BaseModelRegistry
     settings: Settings
 
     def _base(self, model: str | None) -> tuple[BaseModelInfo, PreTrainedTokenizerBase]:
-        """The base model under `model` (the default model when None), if this project may use it."""
-        info = models.get_model(self.session, self.project, self.registry, model or self.settings.default_model)
-        self.session.close()
-        base = self.registry.resolve(info.base_model)
+        """The base model under `model` (the default model when None), if the caller may use it."""
+        name = model or self.settings.default_model
+        if name in self.registry.names():
+            base_name = name
+        elif self.project is None:
+            raise AuthenticationFailed(
+                f"The model '{name}' is not a base model; a fine-tuned model's tokenizer needs its project's API key "
+                "(send it as 'Authorization: Bearer <key>').",
+                code="missing_api_key",
+            )
+        else:
+            base_name = models.get_model(self.session, self.project, self.registry, name).base_model
+            self.session.close()
+        base = self.registry.resolve(base_name)
         return base, _tokenizer(base.name_or_path)
 
     def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:

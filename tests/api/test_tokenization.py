@@ -71,9 +71,15 @@ def test_bad_requests_name_their_parameter(client, path, body, param):
     assert r.json()["error"]["param"] == param
 
 
-def test_unknown_model_and_missing_key(client, app_client):
+def test_base_models_need_no_key_fine_tuned_ones_do(client, app_client):
+    """As vLLM serves them (lm-eval's remote tokenizer sends no key); a wrong key is still refused."""
     r = client.get("/tokenizer_info", params={"model": "ft:nope"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    keyed = client.post("/tokenize", json={"prompt": "a"}).json()
     app_client.headers.pop("Authorization")
-    assert app_client.post("/tokenize", json={"prompt": "a"}).status_code == 401
-    assert app_client.get("/tokenizer_info").status_code == 401
+    assert app_client.post("/tokenize", json={"prompt": "a"}).json() == keyed
+    assert app_client.get("/tokenizer_info").status_code == 200
+    r = app_client.get("/tokenizer_info", params={"model": "ft:nope"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    r = app_client.post("/detokenize", json={"tokens": [65]}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
