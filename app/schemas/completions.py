@@ -59,7 +59,9 @@ class SamplingParams(BaseModel):
     logit_bias: dict[str, float] | None = None
 
 
-TokenId = Annotated[int, Field(ge=0), INTEGRAL]
+# Bounded so that no id reaches a tokenizer as an integer it cannot hold; ids beyond the model's vocabulary are a
+# 400 from the engine.
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1), INTEGRAL]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 

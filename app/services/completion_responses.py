@@ -31,7 +31,7 @@ from app.schemas.completions import (
     TopLogprob,
     Usage,
 )
-from app.services.completions import Prepared, decode
+from app.services.completions import Prepared, anchor_token, token_text
 
 Chunk = TypeVar("Chunk", CompletionChunk, ChatCompletionChunk)
 
@@ -71,13 +71,17 @@ class _Responses(Generic[Chunk]):
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
         self.prepared = prepared
         self._token_texts: dict[int, str] = {}
+        self._anchor: int | None = None
 
     def _token_text(self, token: int) -> str:
-        """A token as text, special tokens included; a token holding part of a UTF-8 character decodes to U+FFFD,
-        which is why chat logprobs carry `bytes` too."""
+        """A token as it reads in the text, special tokens included; a token holding part of a UTF-8 character
+        reads U+FFFD."""
         text = self._token_texts.get(token)
         if text is None:
-            text = self._token_texts[token] = decode(self.prepared.tokenizer, [token])
+            tokenizer = self.prepared.tokenizer
+            if self._anchor is None:
+                self._anchor = anchor_token(tokenizer)
+            text = self._token_texts[token] = token_text(tokenizer, token, self._anchor)
         return text
 
     def _chunk(self, choices: list[Any]) -> Chunk:
@@ -126,7 +130,9 @@ class CompletionResponses(_Responses[CompletionChunk]):
             top: dict[str, float] = {}
             for token, logprob in score.top:  # likeliest first: of two tokens with one text, the likelier stays
                 top.setdefault(self._token_text(token), logprob)
-            entries.append((self._token_text(score.token), score.logprob, top))
+            own = self._token_text(score.token)
+            top.setdefault(own, score.logprob)  # as OpenAI's, the chosen token is always among them
+            entries.append((own, score.logprob, top))
         offsets = []
         for text, _, _ in entries:
             offsets.append(offset)

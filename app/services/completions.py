@@ -91,6 +91,19 @@ def decode(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
     return text
 
 
+def token_text(tokenizer: PreTrainedTokenizerBase, token: int, anchor: int) -> str:
+    """A token's text as it reads inside a text: decoded after `anchor` (an ordinary token) with the anchor's own
+    text cut off, because SentencePiece decoders drop a lone token's leading space ("▁Yes" alone reads "Yes")."""
+    before = decode(tokenizer, [anchor])
+    after = decode(tokenizer, [anchor, token])
+    return after[len(before) :] if after.startswith(before) else decode(tokenizer, [token])
+
+
+def anchor_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """An ordinary token for `token_text`: the last of "a"."""
+    return int(tokenizer.encode("a", add_special_tokens=False)[-1])
+
+
 def _max_tokens(requested: int | None, param: str, prompt_len: int, context: int, settings: Settings) -> int:
     if requested is not None and requested > settings.max_tokens_limit:
         raise InvalidRequest(
