@@ -2,10 +2,11 @@
 
 from app.inference.engine import InferenceEngine
 from app.inference.handle import GenerationHandle
-from app.inference.types import AdapterRef, Finished, GenerationRequest, TextDelta, TokenLogprob
+from app.inference.types import AdapterRef, Constraint, Finished, GenerationRequest, TextDelta, TokenLogprob
 
 __all__ = [
     "AdapterRef",
+    "Constraint",
     "Finished",
     "GenerationHandle",
     "GenerationRequest",

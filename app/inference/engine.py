@@ -29,6 +29,7 @@ from app.ml.registry import BaseModelRegistry
 
 if TYPE_CHECKING:
     import torch
+    from llguidance import LLMatcher
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class InferenceEngine:
             self._loader.submit(self._prepare, request, handle)
         else:
             self._check_context(request, runtime)
-            self._route(request, handle, runtime)
+            self._route(request, handle, runtime, self._matcher(request, runtime))
         return handle
 
     def _check(self, request: GenerationRequest) -> None:
@@ -208,12 +209,18 @@ class InferenceEngine:
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise InvalidRequest("The prompt holds token ids outside the model's vocabulary", param="prompt")
 
+    @staticmethod
+    def _matcher(request: GenerationRequest, runtime: BaseModelRuntime) -> LLMatcher | None:
+        """The request's own grammar matcher, built here so that a grammar the engine cannot enforce is refused
+        when the request is submitted, and the scheduler thread builds nothing."""
+        return runtime.grammar.matcher(request.constraint) if request.constraint is not None else None
+
     def _prepare(self, request: GenerationRequest, handle: GenerationHandle) -> None:
         """Loader thread: load the base model, then route as `submit` would have."""
         try:
             runtime = self._runtime(request.base_model)
             self._check_context(request, runtime)
-            self._route(request, handle, runtime)
+            self._route(request, handle, runtime, self._matcher(request, runtime))
         except Exception as exc:  # the handle must end, whatever went wrong
             if not isinstance(exc, TuneserveError):
                 log.exception("preparing a request for %s failed", request.base_model)
@@ -221,10 +228,16 @@ class InferenceEngine:
             self._metrics.add("requests_failed_total")
             handle.push(exc)
 
-    def _route(self, request: GenerationRequest, handle: GenerationHandle, runtime: BaseModelRuntime) -> None:
+    def _route(
+        self,
+        request: GenerationRequest,
+        handle: GenerationHandle,
+        runtime: BaseModelRuntime,
+        matcher: LLMatcher | None,
+    ) -> None:
         scheduler = self._schedulers[request.base_model]
         if request.adapter is None:
-            scheduler.enqueue(PendingRequest(request, handle, None))
+            scheduler.enqueue(PendingRequest(request, handle, None, matcher))
             return
         entry, must_load = self._cache.claim(request.adapter, request.base_model)
         if must_load:
@@ -236,7 +249,7 @@ class InferenceEngine:
                 self._metrics.add("requests_failed_total")
                 handle.push(error)
             else:
-                scheduler.enqueue(PendingRequest(request, handle, entry))
+                scheduler.enqueue(PendingRequest(request, handle, entry, matcher))
 
         entry.future.add_done_callback(ready)
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from app.errors import ServiceUnavailable
+from app.inference.grammar import GrammarTokenizer
 from app.inference.lora_slots import LoraSlots
 from app.ml.base_model import load_causal_lm, load_tokenizer
 from app.ml.chat import end_of_turn_ids
@@ -50,6 +51,8 @@ class BaseModelRuntime:
         # Mistral have none).
         self.pad_id = int(self.tokenizer.pad_token_id) if self.tokenizer.pad_token_id is not None else 0
         self.stop_ids_tensor = torch.tensor(self.stop_ids, dtype=torch.long, device=self.device)
+        vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        self.grammar = GrammarTokenizer(self.tokenizer, vocab, self.stop_ids)
         self.context_length = int(
             info.context_length or getattr(self.model.config, "max_position_embeddings", None) or 2048
         )

@@ -24,6 +24,7 @@ import torch
 
 from app.errors import ServiceUnavailable
 from app.inference.adapter_cache import AdapterCache
+from app.inference.grammar import mask_disallowed
 from app.inference.kv_batch import KVBatch
 from app.inference.logprobs import token_logprobs
 from app.inference.metrics import EngineMetrics
@@ -243,8 +244,11 @@ class BatchScheduler:
     def _accept(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row from logits [rows, vocab] and hand it to the row (with its logprob when the
         request asked for them); a row that only scores its prompt ends instead."""
+        # Constrained rows may only take what their grammar allows next; free rows share the batch untouched.
+        mask_disallowed(logits, [(i, row.matcher) for i, row in enumerate(rows) if row.matcher and not row.scores_only])
         reporting = [i for i, row in enumerate(rows) if row.request.logprobs is not None and not row.scores_only]
-        # The model's own distribution: taken before stop ids are suppressed and before temperature or top_p.
+        # The model's own distribution (within the grammar): taken before stop ids are suppressed and before
+        # temperature or top_p.
         raw = logits[reporting] if reporting else None  # a copy
         suppress = [i for i, row in enumerate(rows) if row.suppress_stop_ids]
         if suppress:
@@ -268,6 +272,8 @@ class BatchScheduler:
                     token = greedy[i]
                 else:
                     token = sample_token(logits[i], request.temperature, request.top_p, row.generator)
+                if row.matcher is not None and not row.matcher.consume_token(token):
+                    raise RuntimeError(f"the grammar refused the sampled token: {row.matcher.get_error()}")
             except Exception:
                 log.exception("sampling failed for one sequence; failing it alone")
                 failed.append(row)

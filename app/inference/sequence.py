@@ -14,6 +14,7 @@ from app.inference.text_stream import IncrementalDetokenizer, StopStringFilter
 from app.inference.types import Finished, FinishReason, GenerationRequest, TextDelta, TokenLogprob
 
 if TYPE_CHECKING:
+    from llguidance import LLMatcher
     from transformers import PreTrainedTokenizerBase
 
 
@@ -24,6 +25,7 @@ class PendingRequest:
     request: GenerationRequest
     handle: GenerationHandle
     entry: AdapterEntry | None  # pinned cache entry, None for the base model
+    matcher: LLMatcher | None = None  # the request's grammar, where it has a constraint
     enqueued_at_step: int = 0  # the scheduler's decode-step count when it arrived
 
     @property
@@ -46,6 +48,7 @@ class Sequence:
         self.request = request
         self.handle = pending.handle
         self.slot = pending.slot
+        self.matcher = pending.matcher
         self.position = len(request.prompt_ids)  # tokens in the KV cache = position of the next input token
         self.completion_tokens = 0
         self.last_token: int | None = None

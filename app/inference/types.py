@@ -22,6 +22,15 @@ class AdapterRef:
     path: Path
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What a completion's text must match: a grammar in llguidance's format, built by `app.inference.grammar`
+    from a JSON schema or a Lark grammar. `param` names the request field it came from, for its errors."""
+
+    grammar: str
+    param: str
+
+
 @dataclass
 class GenerationRequest:
     """One completion to generate: already rendered prompt ids plus sampling parameters.
@@ -40,7 +49,12 @@ class GenerationRequest:
     `logprobs`: None, or report each generated token's log-probability with the `logprobs` likeliest alternatives
     (0: the chosen token only). `prompt_logprobs`: also score the prompt's tokens (each given the ones before it),
     with the same number of alternatives; with `max_tokens` 0 the request only scores its prompt. Log-probabilities
-    are the model's own distribution, before temperature, top_p and min_tokens change what is sampled.
+    are the model's own distribution, before temperature, top_p and min_tokens change what is sampled; under a
+    `constraint` they are of that distribution restricted to the tokens the grammar allows (as vLLM reports them).
+
+    `constraint`: the text must match this grammar (structured outputs, forced tool calls); the end of turn is
+    allowed only where the grammar is complete, so the text always matches unless max_tokens or a stop string cuts
+    it short.
     """
 
     base_model: str
@@ -58,6 +72,7 @@ class GenerationRequest:
     owner: str = ""
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
