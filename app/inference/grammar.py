@@ -29,15 +29,21 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
     from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
-# JSON as `json.dumps` and chat templates' `tojson` write it ({"a": 1, "b": [2, 3]}): one form, so a constrained
-# answer reads like the tool calls and answers the model was trained on, and has no room for endless whitespace.
-_JSON_LAYOUT: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# At most one space between JSON tokens: compact JSON ({"a":1}) as training files often hold it, and JSON as
+# `json.dumps` and templates' `tojson` write it ({"a": 1, "b": [2, 3]}) both pass, so a constrained answer can be
+# the one the model learned; free whitespace would let a model write newlines without end.
+_JSON_LAYOUT: JsonCompileOptions = {"whitespace_pattern": "[ ]?"}
 
 
 def json_schema_constraint(schema: dict[str, Any], param: str) -> Constraint:
     """Output that is one JSON value valid against `schema`."""
     grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=_JSON_LAYOUT)
     return Constraint(grammar=grammar, param=param)
+
+
+def lark_json(schema: dict[str, Any]) -> str:
+    """A Lark item for one JSON value valid against `schema`, laid out as `json_schema_constraint` lays it out."""
+    return "%json " + json.dumps({**schema, "x-guidance": _JSON_LAYOUT})
 
 
 def lark_constraint(lark: str, param: str) -> Constraint:
