@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -27,7 +27,7 @@ class Responses(Protocol):
     stream: bool
 
     def opening_chunk(self, index: int) -> BaseModel | None: ...
-    def event_chunk(self, index: int, event: TextDelta | Finished) -> BaseModel: ...
+    def event_chunks(self, index: int, event: TextDelta | Finished) -> Sequence[BaseModel]: ...
     def usage_chunk(self, finished: list[Finished]) -> BaseModel | None: ...
     def whole(self, answers: list[Answer]) -> BaseModel: ...
 
@@ -124,7 +124,8 @@ async def stream_chunks(handles: list[GenerationHandle], responses: Responses) -
                 return
             if isinstance(event, Finished):
                 finished.append(event)
-            yield sse(responses.event_chunk(index, event))
+            for chunk in responses.event_chunks(index, event):
+                yield sse(chunk)
         closing = responses.usage_chunk(finished)
         if closing is not None:
             yield sse(closing)

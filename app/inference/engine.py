@@ -24,7 +24,7 @@ from app.inference.metrics import EngineMetrics
 from app.inference.runtime import BaseModelRuntime
 from app.inference.scheduler import BatchScheduler
 from app.inference.sequence import PendingRequest
-from app.inference.types import GenerationRequest
+from app.inference.types import Constraint, GenerationRequest
 from app.ml.registry import BaseModelRegistry
 
 if TYPE_CHECKING:
@@ -142,6 +142,11 @@ class InferenceEngine:
     def context_length(self, base_model: str) -> int:
         """Tokens of prompt plus completion the base model accepts; loads it if needed (blocking)."""
         return self._runtime(base_model).context_length
+
+    def check_constraint(self, base_model: str, constraint: Constraint) -> None:
+        """Raise InvalidRequest (naming the request field) when the engine cannot enforce this grammar on the base
+        model; loads the base model if needed (blocking: call it off the event loop)."""
+        self._runtime(base_model).grammar.matcher(constraint)
 
     # requests
 

@@ -19,8 +19,8 @@ from pydantic_core import PydanticCustomError
 from app.schemas.json_types import INTEGRAL, JsonInt
 
 Stop = str | list[str] | None
-# Why a choice ended, as the API reports it: an end of turn or stop string, or max_tokens.
-FinishReason = Literal["stop", "length"]
+# Why a choice ended, as the API reports it: an end of turn or stop string, max_tokens, or the model called tools.
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 # Request models validate strictly: a value of another JSON type ("0" for an integer, 0.0 for a boolean) is a
@@ -75,6 +75,8 @@ class CompletionRequest(SamplingParams):
     logprobs: Annotated[int, Field(ge=0), INTEGRAL] | None = None
     suffix: str | None = None
     best_of: JsonInt | None = None
+    # vLLM's extra: the completion is one JSON value valid against this schema.
+    guided_json: dict[str, Any] | None = None
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -97,16 +99,63 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+class JsonSchemaSpec(BaseModel):
+    """OpenAI's `response_format.json_schema`. The schema is enforced whether or not `strict` is set."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = STRICT_REQUEST
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    """Any JSON object."""
+
+    model_config = STRICT_REQUEST
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = STRICT_REQUEST
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT_REQUEST
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice` naming the one function the model must call."""
+
+    model_config = STRICT_REQUEST
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    # Kept as sent (checked by app/services/tool_calls.py): the template renders them as training rendered the
+    # training file's tools, key order included.
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0), INTEGRAL] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
 
@@ -160,10 +209,29 @@ class ChoiceLogprobs(BaseModel):
     refusal: None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:  # as OpenAI: the key appears only when the model called tools
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -215,12 +283,37 @@ class CompletionChunk(_UsageOnlyWhenAsked):
     usage: Usage | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if key in self.model_fields_set}
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed tool call, as OpenAI streams one: its first delta has the id, type and name with empty arguments,
+    later ones add to the arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if key in self.model_fields_set}
+
+
 class ChatDelta(BaseModel):
     """What a chunk adds to the assistant's message: the role once at the start (with empty content), then
-    content; the closing delta is empty. Unset keys are left out, as the SDK reads absent keys as no change."""
+    content or tool calls; the closing delta is empty. Unset keys are left out, as the SDK reads absent keys as no
+    change."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

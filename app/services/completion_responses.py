@@ -27,7 +27,10 @@ from app.schemas.completions import (
     CompletionLogprobs,
     CompletionRequest,
     FinishReason,
+    FunctionCallDelta,
     SamplingParams,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
@@ -155,14 +158,14 @@ class CompletionResponses(_Responses[CompletionChunk]):
         self._offsets[index] = len(echo)
         return self._text_chunk(index, echo) if echo else None
 
-    def event_chunk(self, index: int, event: TextDelta | Finished) -> CompletionChunk:
+    def event_chunks(self, index: int, event: TextDelta | Finished) -> list[CompletionChunk]:
         if isinstance(event, Finished):
-            return self._text_chunk(index, "", finish_reason(event))
+            return [self._text_chunk(index, "", finish_reason(event))]
         logprobs = None
         if self._logprobs:
             logprobs = self._scores(event.logprobs, self._offsets.get(index, 0))
             self._offsets[index] = self._offsets.get(index, 0) + sum(len(token) for token in logprobs.tokens)
-        return self._text_chunk(index, event.text, logprobs=logprobs)
+        return [self._text_chunk(index, event.text, logprobs=logprobs)]
 
     def _choice(self, index: int, answer: Answer) -> CompletionChoice:
         echo = self._echo(index)
@@ -196,6 +199,10 @@ class ChatCompletionResponses(_Responses[ChatCompletionChunk]):
     def __init__(self, request: ChatCompletionRequest, prepared: Prepared) -> None:
         super().__init__(request, prepared, ids.chat_completion_id())
         self._logprobs = bool(request.logprobs)
+        self._tools = prepared.tool_use
+        # A streamed choice that may be a tool-call turn holds its text back until it is known to be one (it then
+        # streams as calls at its end) or not (the held text goes out as content): choice -> held deltas.
+        self._held: dict[int, list[TextDelta]] = {}
 
     def _top_logprob(self, token: int, logprob: float) -> TopLogprob:
         text = self._token_text(token)
@@ -218,26 +225,79 @@ class ChatCompletionResponses(_Responses[ChatCompletionChunk]):
 
     def opening_chunk(self, index: int) -> ChatCompletionChunk:
         """Every choice opens with the assistant's role and empty content, as OpenAI streams it."""
+        if self._tools is not None:
+            self._held[index] = []
         return self._delta_chunk(index, ChatDelta(role="assistant", content=""))
 
-    def event_chunk(self, index: int, event: TextDelta | Finished) -> ChatCompletionChunk:
+    def event_chunks(self, index: int, event: TextDelta | Finished) -> list[ChatCompletionChunk]:
         if isinstance(event, TextDelta):
-            return self._delta_chunk(index, ChatDelta(content=event.text), logprobs=self._scores(event.logprobs))
-        return self._delta_chunk(index, ChatDelta(), finish_reason(event))
+            if self._tools is None:
+                return [self._content_chunk(index, [event])]
+            return self._hold_or_send(index, event)
+        chunks = []
+        held = self._held.pop(index, None)
+        calls = self._calls("".join(delta.text for delta in held), event) if held is not None else None
+        if calls is not None:
+            for position, call in enumerate(calls):
+                # As OpenAI streams a call: its id, type and name with empty arguments, then the arguments.
+                opening = ToolCallDelta(
+                    index=position,
+                    id=call.id,
+                    type="function",
+                    function=FunctionCallDelta(name=call.function.name, arguments=""),
+                )
+                arguments = ToolCallDelta(index=position, function=FunctionCallDelta(arguments=call.function.arguments))
+                chunks += [
+                    self._delta_chunk(index, ChatDelta(tool_calls=[opening])),
+                    self._delta_chunk(index, ChatDelta(tool_calls=[arguments])),
+                ]
+            return [*chunks, self._delta_chunk(index, ChatDelta(), "tool_calls")]
+        if held:
+            chunks.append(self._content_chunk(index, held))
+        return [*chunks, self._delta_chunk(index, ChatDelta(), finish_reason(event))]
+
+    def _content_chunk(self, index: int, deltas: list[TextDelta]) -> ChatCompletionChunk:
+        text = "".join(delta.text for delta in deltas)
+        scores = [score for delta in deltas for score in delta.logprobs]
+        return self._delta_chunk(index, ChatDelta(content=text), logprobs=self._scores(scores))
+
+    def _hold_or_send(self, index: int, delta: TextDelta) -> list[ChatCompletionChunk]:
+        """Hold the choice's text while it may still open a tool-call turn; send it as content once it cannot."""
+        held = self._held.get(index)
+        if held is None:  # already known to be content
+            return [self._content_chunk(index, [delta])]
+        held.append(delta)
+        if self._tools is None or self._tools.forced:
+            return []
+        text = "".join("".join(d.text for d in held).split())
+        opening = self._tools.form.opening()
+        if opening.startswith(text) or text.startswith(opening):
+            return []
+        del self._held[index]
+        return [self._content_chunk(index, held)]
+
+    def _calls(self, text: str, finished: Finished) -> list[ToolCall] | None:
+        """The calls of a whole answer, when it is a finished tool-call turn."""
+        if self._tools is None or finish_reason(finished) != "stop":
+            return None
+        return self._tools.read_calls(text)
 
     def whole(self, answers: list[Answer]) -> ChatCompletion:
-        return ChatCompletion(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=AssistantMessage(content=a.text),
-                    logprobs=self._scores(a.logprobs),
-                    finish_reason=finish_reason(a.finished),
+        choices = []
+        for i, answer in enumerate(answers):
+            calls = self._calls(answer.text, answer.finished)
+            if calls is not None:
+                message = AssistantMessage(content=None, tool_calls=calls)
+                choices.append(ChatChoice(index=i, message=message, finish_reason="tool_calls"))
+            else:
+                choices.append(
+                    ChatChoice(
+                        index=i,
+                        message=AssistantMessage(content=answer.text),
+                        logprobs=self._scores(answer.logprobs),
+                        finish_reason=finish_reason(answer.finished),
+                    )
                 )
-                for i, a in enumerate(answers)
-            ],
-            usage=self._usage(answers),
+        return ChatCompletion(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=self._usage(answers)
         )

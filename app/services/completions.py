@@ -10,14 +10,24 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import InvalidRequest
-from app.inference import AdapterRef, GenerationHandle, GenerationRequest, InferenceEngine
+from app.inference import AdapterRef, Constraint, GenerationHandle, GenerationRequest, InferenceEngine
 from app.inference.context_length import check_fits_context
+from app.inference.grammar import json_schema_constraint
 from app.ml.chat import render_chat_prompt, render_completion_prompt
 from app.ml.registry import BaseModelRegistry
-from app.schemas.completions import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingParams
+from app.schemas.completions import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    ResponseFormat,
+    SamplingParams,
+)
 from app.services import models
 from app.services.keys import CurrentProject
 from app.services.rate_limits import RateLimiter
+from app.services.tool_calls import ToolUse, prepare_tools
 from app.storage import Storage
 
 if TYPE_CHECKING:
@@ -35,6 +45,7 @@ class Prepared:
     prompt_texts: list[str]  # for `echo`
     tokenizer: PreTrainedTokenizerBase  # the served model's: logprobs name their tokens with it
     rate_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
+    tool_use: ToolUse | None = None  # how to read tool calls from the answers (chat with tools)
 
 
 def _refuse_unsupported(params: SamplingParams, **unsupported: object) -> None:
@@ -83,6 +94,14 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
     return list(cast("list[str] | list[list[int]]", prompt))
 
 
+def _response_constraint(response_format: ResponseFormat | None) -> Constraint | None:
+    if isinstance(response_format, JsonSchemaFormat):
+        return json_schema_constraint(response_format.json_schema.schema_, "response_format")
+    if isinstance(response_format, JsonObjectFormat):
+        return json_schema_constraint({"type": "object"}, "response_format")
+    return None
+
+
 def decode(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
     """The text of token ids, special tokens included."""
     text = tokenizer.decode(token_ids)
@@ -128,6 +147,7 @@ def _expand(
     owner: str,
     logprobs: int | None = None,
     prompt_logprobs: bool = False,
+    constraint: Constraint | None = None,
 ) -> list[GenerationRequest]:
     # With n > 1 and a seed, each choice gets its own seed so the n answers differ but stay reproducible.
     return [
@@ -146,6 +166,7 @@ def _expand(
             owner=owner,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            constraint=constraint,
         )
         for ids in prompts
         for j in range(params.n)
@@ -209,6 +230,9 @@ class Serving:
                 "echo with logprobs is not supported when streaming; ask without stream.", param="echo"
             )
         base, adapter, tokenizer, context = self._model(request)
+        constraint = None
+        if request.guided_json is not None:
+            constraint = self._checked(base, json_schema_constraint(request.guided_json, "guided_json"))
         # Token ids are the model's input as they are; text gets BOS as training rendered it.
         prompts = [render_completion_prompt(p, tokenizer) if isinstance(p, str) else p for p in given]
         texts = [p if isinstance(p, str) else decode(tokenizer, p) for p in given]
@@ -225,12 +249,12 @@ class Serving:
             logprobs=request.logprobs,
             # The echoed prompt's tokens are scored too; max_tokens 0 asks only for that.
             prompt_logprobs=request.echo and (request.logprobs is not None or max_tokens == 0),
+            constraint=constraint,
         )
         return self._admitted(Prepared(requests, sum(map(len, prompts)), texts, tokenizer))
 
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
-        response_format = (request.response_format or {}).get("type", "text")
-        _refuse_unsupported(request, response_format=response_format != "text")
+        _refuse_unsupported(request)
         stop = _stop(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs set to true.", param="top_logprobs")
@@ -243,6 +267,13 @@ class Serving:
                 code="too_many_messages",
             )
         base, adapter, tokenizer, context = self._model(request)
+        tool_use, forced_call = prepare_tools(request, tokenizer)
+        constraint = _response_constraint(request.response_format)
+        if constraint is not None and forced_call is not None:
+            raise InvalidRequest(
+                "response_format cannot be combined with a tool_choice that forces a call.", param="response_format"
+            )
+        constraint = self._checked(base, constraint or forced_call)
         # The one rendering function training used, so the model sees exactly the prefix it learned from.
         ids = render_chat_prompt([message_dict(m) for m in request.messages], tokenizer, tools=request.tools)
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
@@ -250,9 +281,25 @@ class Serving:
         max_tokens = _max_tokens(requested, param, len(ids), context, self.settings)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         requests = _expand(
-            request, base, adapter, [ids], max_tokens, stop, chat=True, owner=self.project.id, logprobs=logprobs
+            request,
+            base,
+            adapter,
+            [ids],
+            max_tokens,
+            stop,
+            chat=True,
+            owner=self.project.id,
+            logprobs=logprobs,
+            constraint=constraint,
         )
-        return self._admitted(Prepared(requests, len(ids), [], tokenizer))
+        return self._admitted(Prepared(requests, len(ids), [], tokenizer, tool_use=tool_use))
+
+    def _checked(self, base: str, constraint: Constraint | None) -> Constraint | None:
+        """The constraint, once the engine has checked it can enforce it (a 400 naming what it cannot): here, off
+        the event loop, as building the model's grammar tokenizer the first time takes a moment."""
+        if constraint is not None:
+            self.engine.check_constraint(base, constraint)
+        return constraint
 
     def _admitted(self, prepared: Prepared) -> Prepared:
         """Charge the project's rate limits for the request (prompt tokens and every sequence's max_tokens)."""

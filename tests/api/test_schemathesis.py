@@ -372,8 +372,14 @@ def sampling(case, draw, res):
     assume(len(json.dumps(body, ensure_ascii=False).encode()) < PROMPT_BYTES)
 
 
+# Tools as the service takes them (gap in the schema: it leaves a tool's shape open).
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+
+
 def completion(case, draw, res):
     sampling(case, draw, res)
+    # No schema can say which JSON schemas the grammar engine can enforce (a few keywords are refused by name).
+    case.body.pop("guided_json", None)
     # Gap in the schema: an empty list of prompts is refused.
     if case.body["prompt"] == []:
         case.body["prompt"] = [draw(st.text(max_size=20))]
@@ -414,6 +420,13 @@ def chat(case, draw, res):
     # top_logprobs is a count of alternatives to the logprobs asked for.
     if body.get("top_logprobs") is not None:
         body["logprobs"] = True
+    if body.get("tools"):
+        body["tools"] = TOOLS
+    # A tool_choice other than none needs tools, and a named one must be among them.
+    if isinstance(body.get("tool_choice"), dict):
+        body["tool_choice"] = {"type": "function", "function": {"name": "lookup"}}
+    if not body.get("tools") and body.get("tool_choice") not in (None, "none"):
+        body["tool_choice"] = None
 
 
 def tokenize(case, draw, res):
