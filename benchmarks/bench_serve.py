@@ -8,11 +8,18 @@ round-robin. Servers compared:
 - static: the same engine admitting a batch only when the previous one has finished;
 - grouped: batches of one adapter at a time, switching between batches (the classic PEFT server);
 - naive: one request at a time on a PEFT model holding every adapter, `set_adapter` + `generate` per request.
+- vllm: vLLM's offline engine (CPU build, `enable_lora`, `max_loras=8`, `ignore_eos`, the same prompt token ids,
+  `max_num_seqs` as the engine's batch, every request submitted at once), run by benchmarks/vllm_offline.py in the
+  venv `make bench` builds for it (`.venv-vllm`; skipped with a line saying so when that venv is missing); with one
+  adapter and with no LoRA too, for its adapter overhead.
+- constrained: the engine with every request under a JSON schema (`response_format`'s grammar), one that cannot
+  complete within 32 tokens, so each row is masked at every step; against the engine's free run it gives the cost
+  of constrained decoding (tokens/s, as every request makes the same 32 tokens).
 Adapters are resident before timing starts (a warm-up request each) except where the cold load itself is measured.
 Each variant runs REPEATS times, interleaved, and keeps its best run (other load on the machine only slows runs).
 Also: the cold-load cost (first 1-token request on an adapter minus the same request once resident) and the hit
 overhead (a 1-token request on a resident adapter minus the same on the base model), medians in ms; and engine
-throughput with 1, 8 and 64 adapters.
+throughput with the base model alone and with 1, 8 and 64 adapters.
 
 `--family NAME` serves the built-in family model `tiny-NAME` instead (its architecture and tokenizer; adapters
 over all its linear layers). Its prompts are lengthened from their own words to as many tokens as tuneserve-tiny's
@@ -20,7 +27,7 @@ byte-level tokenizer gives them (`--same-text` keeps the text as it is), so ever
 
 Usage: .venv/bin/python benchmarks/bench_serve.py [--family qwen2]
 The last line is `rps_ratio_vs_naive=... rps_ratio_vs_grouped=... flatness_64_vs_1=... cold_load_ms=...
-hit_overhead_ms=...` followed by more pairs.
+hit_overhead_ms=...` followed by more pairs (`constrained_tps_ratio` among them).
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import json  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -43,12 +52,14 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 from app.config import Settings  # noqa: E402
-from app.inference import AdapterRef, Finished, GenerationRequest, InferenceEngine  # noqa: E402
+from app.inference import AdapterRef, Constraint, Finished, GenerationRequest, InferenceEngine  # noqa: E402
+from app.inference.grammar import json_schema_constraint  # noqa: E402
 from app.ml.chat import render_completion_prompt  # noqa: E402
 from app.ml.families import FAMILIES  # noqa: E402
 from app.ml.registry import BaseModelRegistry  # noqa: E402
@@ -60,6 +71,29 @@ NEW_TOKENS = 32
 BATCH = 16
 RANK = 16  # the tiny model's training default
 REPEATS = 2
+# Records as structured-output users ask for them: nested objects, enums, bounded numbers and strings, an array.
+# At least 20 of them, so no answer is complete within NEW_TOKENS and every step is a masked one.
+RECORDS_SCHEMA = {
+    "type": "array",
+    "minItems": 20,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"enum": ["admin", "editor", "viewer"]},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+            "address": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 10}, "zip": {"pattern": "^[0-9]{5}$"}},
+                "required": ["city", "zip"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "age", "role", "tags", "address"],
+        "additionalProperties": False,
+    },
+}
 
 
 def build_adapters(base: str, base_dir: str, out: Path, count: int) -> list[AdapterRef]:
@@ -84,7 +118,11 @@ def build_adapters(base: str, base_dir: str, out: Path, count: int) -> list[Adap
 
 
 def make_workload(
-    base: str, tokenizer, adapters: list[AdapterRef | None], match_tiny_lengths: bool = False
+    base: str,
+    tokenizer,
+    adapters: list[AdapterRef | None],
+    match_tiny_lengths: bool = False,
+    constraint: Constraint | None = None,
 ) -> list[GenerationRequest]:
     rng = random.Random(0)
     words = [
@@ -131,6 +169,7 @@ def make_workload(
                 max_tokens=NEW_TOKENS,
                 min_tokens=NEW_TOKENS,
                 temperature=0.0,
+                constraint=constraint,
             )
         )
     return requests
@@ -220,6 +259,42 @@ def warm(engine: InferenceEngine, base: str, tokenizer, adapters: list[AdapterRe
         one_token_latency(engine, base, tokenizer, ref)
 
 
+def run_vllm(base_dir: str, adapters: list[AdapterRef], workload: list[GenerationRequest], tmp: Path) -> dict | None:
+    """vLLM's requests/s on the same prompts: over `adapters`, over the first one, and without LoRA."""
+    if not VLLM_PYTHON.exists():
+        print(f"vllm: skipped, {VLLM_PYTHON} is missing (make bench sets it up)")
+        return None
+    spec = tmp / "vllm.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "model_dir": base_dir,
+                "adapters": [str(ref.path) for ref in adapters],
+                "prompts": [req.prompt_ids for req in workload],
+                "new_tokens": NEW_TOKENS,
+                "repeats": REPEATS,
+                "max_num_seqs": BATCH,
+                "rank": RANK,
+            }
+        )  # fmt: skip
+    )
+    # vLLM's CPU worker otherwise reserves most of the machine's free memory for its KV cache (21 of 24 GiB here)
+    # and fails to start beside this process; 1 GiB holds 16 x 512 tokens of this model many times over.
+    run = subprocess.run(
+        [str(VLLM_PYTHON), str(ROOT / "benchmarks" / "vllm_offline.py"), str(spec)],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )  # fmt: skip
+    if run.returncode != 0:
+        log = tmp.parent / "bench_serve_vllm.log"  # outlives the temporary directory
+        log.write_text(run.stdout + run.stderr)
+        raise SystemExit(f"vllm failed (its output: {log}):\n{run.stderr[-2000:]}")
+    rps = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])
+    for label, value in rps.items():
+        print(f"{'vllm (' + label + ')':24s} {value:7.2f} req/s")
+    return rps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), help="serve tiny-FAMILY instead of tuneserve-tiny")
@@ -245,12 +320,15 @@ def main() -> None:
             if label not in results or outcome[0] < results[label][0]:
                 results[label] = outcome
 
-        def run_engine(label: str, pool: list[AdapterRef], **options) -> None:
+        def run_engine(label: str, pool: list[AdapterRef], constraint: Constraint | None = None, **options) -> None:
             engine = InferenceEngine(registry, max_batch_size=BATCH, **options)
             engine.start()
             tokenizer = engine.tokenizer(base)
             warm(engine, base, tokenizer, pool)
-            outcome = asyncio.run(drive(engine_server(engine), make_workload(base, tokenizer, pool, match)))
+            if constraint:  # the grammar engine's view of the tokenizer is built once per model, before timing
+                engine.check_constraint(base, constraint)
+            workload = make_workload(base, tokenizer, pool, match, constraint)
+            outcome = asyncio.run(drive(engine_server(engine), workload))
             metrics = engine.metrics()
             engine.stop()
             record(label, outcome, f"mean decode batch {metrics['batch_size_sum'] / metrics['batch_size_count']:.2f}")
@@ -273,11 +351,15 @@ def main() -> None:
         naive = NaivePeftServer(base_dir, eight)
         for _ in range(REPEATS):  # interleaved, so a burst of load elsewhere hits every variant alike
             run_engine("engine (8 adapters)", eight)
+            run_engine("constrained (8 adapters)", eight, json_schema_constraint(RECORDS_SCHEMA, "response_format"))
             run_engine("static batches", eight, scheduling="static")
             run_engine("grouped by adapter", eight, scheduling="per_adapter")
             run_engine("engine (1 adapter)", adapters[:1])
             run_engine("engine (64 adapters)", adapters)
+            run_engine("engine (base model)", [None])
             record("naive", asyncio.run(drive(naive.serve(), make_workload(base, tokenizer, eight, match))))
+
+        vllm = run_vllm(base_dir, eight, make_workload(base, tokenizer, eight, match), Path(tmp))
 
     rps = {label: REQUESTS / wall for label, (wall, _) in results.items()}
     for label, (_, latencies) in results.items():
@@ -292,6 +374,7 @@ def main() -> None:
         "hit_overhead_ms": hit_overhead_ms,
         "rps_ratio_vs_static": rps["engine (8 adapters)"] / rps["static batches"],
         "flatness_8_vs_1": rps["engine (8 adapters)"] / rps["engine (1 adapter)"],
+        "constrained_tps_ratio": rps["constrained (8 adapters)"] / rps["engine (8 adapters)"],
         "engine_rps": rps["engine (8 adapters)"],
         "naive_rps": rps["naive"],
         "grouped_rps": rps["grouped by adapter"],
@@ -302,6 +385,13 @@ def main() -> None:
         "grouped_p50_ms": 1000 * percentile(results["grouped by adapter"][1], 0.5),
         "grouped_p99_ms": 1000 * percentile(results["grouped by adapter"][1], 0.99),
     }
+    if vllm:
+        figures |= {
+            "rps_ratio_vs_vllm": rps["engine (8 adapters)"] / vllm["lora_all"],
+            "vllm_rps": vllm["lora_all"],
+            "vllm_adapter_overhead_8_vs_base": vllm["lora_all"] / vllm["base"],
+        }
+    figures["adapter_overhead_8_vs_base"] = rps["engine (8 adapters)"] / rps["engine (base model)"]
     print(" ".join(f"{name}={value:.2f}" for name, value in figures.items()))
 
 
