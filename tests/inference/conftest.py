@@ -8,15 +8,21 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import asyncio  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import openai  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
 
+from app import db, migrate  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.inference import AdapterRef, Finished, GenerationRequest, InferenceEngine, TextDelta  # noqa: E402
+from app.main import create_app  # noqa: E402
 from app.ml.registry import BaseModelRegistry  # noqa: E402
 from app.ml.tiny import build_tiny_model  # noqa: E402
+from app.services import keys  # noqa: E402
 from tests.inference.adapters import build_random_adapter  # noqa: E402
 from tests.inference.families import FamilyCase, build_family_case  # noqa: E402
 
@@ -107,6 +113,27 @@ def family_cases(registry, tmp_path_factory):
         return cases[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def client(models_dir, tmp_path_factory) -> Iterator[TestClient]:
+    """The app on SQLite, its data dir the session's (the family models are built once), one project's key."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('api') / 'api.db'}"
+    migrate.upgrade(url)
+    engine = db.make_engine(url)
+    with db.session_scope(db.make_sessionmaker(engine)) as session:
+        key = keys.create_key(session, "inference")
+    engine.dispose()
+    with TestClient(create_app(Settings(data_dir=models_dir / "data", database_url=url))) as client:
+        client.headers["Authorization"] = f"Bearer {key}"
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(client) -> openai.OpenAI:
+    """The openai SDK talking to `client`'s app in-process."""
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    return openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=key, http_client=client, max_retries=0)
 
 
 @pytest.fixture(scope="session")

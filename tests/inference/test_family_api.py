@@ -4,37 +4,17 @@ as it reads after the prompt, and `stop` strings end it (streamed or not) with f
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app import migrate
-from app.config import Settings
-from app.db import make_engine, make_sessionmaker, session_scope
-from app.main import create_app
 from app.ml.chat import render_chat_prompt, render_completion_prompt
-from app.services import keys
 from tests.inference.families import FAMILIES, completion_text, generation_config_stop_ids
 
 MAX_TOKENS = 16
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name a colour, please."}]
-
-
-@pytest.fixture(scope="module")
-def client(models_dir, tmp_path_factory) -> Iterator[TestClient]:
-    """The app on SQLite, its data dir the session's (the family models are built once), one project's key."""
-    url = f"sqlite:///{tmp_path_factory.mktemp('api') / 'api.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    with session_scope(make_sessionmaker(engine)) as session:
-        key = keys.create_key(session, "families")
-    engine.dispose()
-    with TestClient(create_app(Settings(data_dir=models_dir / "data", database_url=url))) as client:
-        client.headers["Authorization"] = f"Bearer {key}"
-        yield client
 
 
 def greedy_text(model_dir: str, prompt: list[int], continues_prompt: bool) -> tuple[str, str]:

@@ -5,21 +5,13 @@ the conversation."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import jsonschema
-import openai
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
 
-from app import migrate
-from app.config import Settings
-from app.db import make_engine, make_sessionmaker, session_scope
-from app.main import create_app
-from app.services import keys
 from tests.inference.json_schemas import SCHEMAS
 
 pytestmark = pytest.mark.slow
@@ -52,25 +44,6 @@ TOOLS = [
 ]
 TOOL_FAMILIES = [TINY, "tiny-llama3", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
 NO_TOOL_FAMILIES = ["tiny-gemma2", "tiny-phi3"]  # their published templates render no tools
-
-
-@pytest.fixture(scope="module")
-def client(models_dir, tmp_path_factory) -> Iterator[TestClient]:
-    url = f"sqlite:///{tmp_path_factory.mktemp('structured') / 'api.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    with session_scope(make_sessionmaker(engine)) as session:
-        key = keys.create_key(session, "structured")
-    engine.dispose()
-    with TestClient(create_app(Settings(data_dir=models_dir / "data", database_url=url))) as client:
-        client.headers["Authorization"] = f"Bearer {key}"
-        yield client
-
-
-@pytest.fixture(scope="module")
-def sdk(client) -> openai.OpenAI:
-    key = client.headers["Authorization"].removeprefix("Bearer ")
-    return openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=key, http_client=client, max_retries=0)
 
 
 def json_schema_format(name: str) -> dict:

@@ -18,8 +18,6 @@ from langchain_core.messages import AIMessageChunk, HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, ConfigDict, Field
 
-from tests.inference.test_structured_api import client, sdk  # noqa: F401 (fixtures)
-
 pytestmark = pytest.mark.slow
 PROMPT = "Paris is sunny today. Report the weather."
 
@@ -36,7 +34,7 @@ class Weather(BaseModel):
 
 @pytest.mark.parametrize("model", ["tuneserve-tiny", "tiny-qwen2", "tiny-mistral"])
 @pytest.mark.parametrize("mode", [instructor.Mode.TOOLS, instructor.Mode.TOOLS_STRICT, instructor.Mode.JSON_SCHEMA])
-def test_instructor_gets_its_object_on_the_first_try(sdk, model, mode):  # noqa: F811
+def test_instructor_gets_its_object_on_the_first_try(sdk, model, mode):
     patched = instructor.from_openai(sdk, mode=mode)
     weather, completion = patched.chat.completions.create_with_completion(
         model=model, response_model=Weather, messages=[{"role": "user", "content": PROMPT}], max_tokens=200,
@@ -50,7 +48,7 @@ def test_instructor_gets_its_object_on_the_first_try(sdk, model, mode):  # noqa:
 
 
 @pytest.fixture(scope="module")
-def chat_model(client: TestClient) -> Iterator[ChatOpenAI]:  # noqa: F811
+def chat_model(client: TestClient) -> Iterator[ChatOpenAI]:
     key = client.headers["Authorization"].removeprefix("Bearer ")
     yield ChatOpenAI(
         model="tiny-llama3", base_url=f"{client.base_url}/v1", api_key=key, http_client=client, max_retries=0,
