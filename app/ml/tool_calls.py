@@ -232,9 +232,7 @@ def _learn(tokenizer: PreTrainedTokenizerBase) -> ToolCallFormat:
     )
 
 
-_formats: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, ToolCallFormat | ChatTemplateError] = (
-    weakref.WeakKeyDictionary()
-)
+_formats: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, ToolCallFormat | str] = weakref.WeakKeyDictionary()
 _formats_lock = threading.Lock()
 
 
@@ -247,8 +245,10 @@ def tool_call_format(tokenizer: PreTrainedTokenizerBase) -> ToolCallFormat:
             try:
                 _formats[key] = _learn(tokenizer)
             except ChatTemplateError as exc:
-                _formats[key] = exc
+                _formats[key] = str(exc)
         learned = _formats[key]
-    if isinstance(learned, ChatTemplateError):
-        raise learned
+    if isinstance(learned, str):
+        # A fresh error each time: re-raising one cached instance would chain every request's frames (and the
+        # request with them) onto its traceback for as long as the tokenizer lives.
+        raise ChatTemplateError(learned)
     return learned

@@ -97,6 +97,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back as the answer gave them
 
 
 class JsonSchemaSpec(BaseModel):

@@ -13,7 +13,7 @@ from app.errors import InvalidRequest
 from app.inference import AdapterRef, Constraint, GenerationHandle, GenerationRequest, InferenceEngine
 from app.inference.context_length import check_fits_context
 from app.inference.grammar import json_schema_constraint
-from app.ml.chat import render_chat_prompt, render_completion_prompt
+from app.ml.chat import ChatTemplateError, render_chat_prompt, render_completion_prompt
 from app.ml.registry import BaseModelRegistry
 from app.schemas.completions import (
     ChatCompletionRequest,
@@ -184,7 +184,8 @@ def message_dict(message: ChatMessage) -> dict[str, Any]:
             parts.append(part["text"])
         content = "".join(parts)
     role = "system" if message.role == "developer" else message.role
-    return {**(message.model_extra or {}), "role": role, "content": content}
+    calls = {"tool_calls": [call.model_dump() for call in message.tool_calls]} if message.tool_calls else {}
+    return {**(message.model_extra or {}), **calls, "role": role, "content": content}
 
 
 @dataclass
@@ -275,7 +276,10 @@ class Serving:
             )
         constraint = self._checked(base, constraint or forced_call)
         # The one rendering function training used, so the model sees exactly the prefix it learned from.
-        ids = render_chat_prompt([message_dict(m) for m in request.messages], tokenizer, tools=request.tools)
+        try:
+            ids = render_chat_prompt([message_dict(m) for m in request.messages], tokenizer, tools=request.tools)
+        except ChatTemplateError as exc:  # e.g. Mistral's template refuses a call id that is not 9 alphanumerics
+            raise InvalidRequest(f"The conversation cannot be rendered: {exc}", param="messages") from None
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         max_tokens = _max_tokens(requested, param, len(ids), context, self.settings)

@@ -66,12 +66,15 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             raise InvalidRequest(
                 "A function needs a name of 1 to 64 characters.", param=f"tools[{i}].function.name", code="invalid_tool"
             )
-        if not isinstance(parameters, dict):
+        # Arguments are a JSON object (the call's `arguments` string decodes to one), so the schema must be an
+        # object's; one that names no type (`{}`: no parameters) is read as an object's.
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
             raise InvalidRequest(
-                "A function's parameters are a JSON schema object.",
+                "A function's parameters are a JSON schema of an object.",
                 param=f"tools[{i}].function.parameters",
                 code="invalid_tool",
             )
+        parameters = {"type": "object", **parameters}
         if name in functions:
             raise InvalidRequest(
                 f"Two tools are named '{name}'.", param=f"tools[{i}].function.name", code="invalid_tool"

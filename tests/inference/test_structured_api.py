@@ -189,12 +189,27 @@ def test_tools_on_a_model_whose_template_has_none_are_refused(client, model):
         ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
         ({"tools": None, "tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+        # Arguments are an object: a forced call with a string's schema could never be read back as a call.
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "tools[0].function.parameters",
+        ),
+        ({"messages": [*MESSAGES, {"role": "assistant", "tool_calls": "x"}]}, "messages.1.tool_calls"),
     ],
 )
 def test_tool_request_errors(client, extra, param):
     body = {"model": TINY, "messages": MESSAGES, "tools": TOOLS, **extra}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_a_history_the_template_refuses_is_a_400(client):
+    """Mistral's template takes back only 9-character call ids; an OpenAI-style id is the client's error."""
+    call = {"id": "call_123", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    messages = [*MESSAGES, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_123", "content": "sunny"}]  # fmt: skip
+    r = client.post("/v1/chat/completions", json={"model": "tiny-mistral", "messages": messages, "tools": TOOLS})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
 
 
 def test_auto_answers_text_when_the_model_writes_no_call(sdk):

@@ -62,8 +62,13 @@ def test_trained_tool_calls_are_what_the_grammar_allows_and_serving_reads(regist
 
 @pytest.mark.parametrize("family", sorted(TEMPLATE_WITHOUT_TOOLS))
 def test_a_template_without_tools_has_no_format(registry, family):
-    with pytest.raises(ChatTemplateError):
-        tool_call_format(tokenizer_of(registry, f"tiny-{family}"))
+    tokenizer = tokenizer_of(registry, f"tiny-{family}")
+    with pytest.raises(ChatTemplateError) as first:
+        tool_call_format(tokenizer)
+    with pytest.raises(ChatTemplateError) as second:  # the cached refusal
+        tool_call_format(tokenizer)
+    # Each refusal is its own error: one cached instance re-raised would keep every request's frames alive.
+    assert first.value is not second.value and len(second.traceback) == len(first.traceback)
 
 
 def stream(registry, pieces: list[str], reason: str = "stop") -> list[dict]:
