@@ -120,13 +120,42 @@ def forced_call_grammar(
 ) -> str:
     """A Lark grammar (llguidance's dialect) of a turn of one call, or several where `parallel`, to `functions`
     with valid arguments, in `form`. `added_tokens` (text -> id) are written as the tokens themselves."""
-    schemas = [form.call_schema(name, parameters) for name, parameters in functions.items()]
+    schemas: list[dict[str, Any]] = []
+    definitions: dict[str, Any] = {}
+    for i, (name, parameters) in enumerate(functions.items()):
+        # The parameters sit inside the call's schema, so their local definitions ("#/$defs/X", as pydantic writes
+        # nested models) move to the root, named per function so that two functions' definitions cannot clash.
+        prefix = f"f{i}_"
+        parameters = _with_root_refs(parameters, prefix)
+        for key in ("$defs", "definitions"):
+            definitions |= {prefix + def_name: schema for def_name, schema in parameters.pop(key, {}).items()}
+        schemas.append(form.call_schema(name, parameters))
     call = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    if definitions:
+        call = {**call, "$defs": definitions}
     repeat = ""
     if parallel and form.separator is not None:  # a template without a separator writes one call per turn
         repeat = f" ({_literal(form.separator, added_tokens)} call)*"
     parts = [_literal(form.prefix, added_tokens), "call" + repeat, _literal(form.suffix, added_tokens)]
     return "\n".join(["start: " + " ".join(part for part in parts if part), f"call: {lark_json(call)}"])
+
+
+def _with_root_refs(schema: Any, prefix: str) -> Any:
+    """A copy of `schema` whose local references point at root definitions named `prefix` + their name."""
+    if isinstance(schema, list):
+        return [_with_root_refs(item, prefix) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    copy = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str):
+            for local in ("#/$defs/", "#/definitions/"):
+                if value.startswith(local):
+                    value = f"#/$defs/{prefix}{value.removeprefix(local)}"
+            copy[key] = value
+        else:
+            copy[key] = _with_root_refs(value, prefix)
+    return copy
 
 
 def _added_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:

@@ -47,6 +47,31 @@ def test_instructor_gets_its_object_on_the_first_try(sdk, model, mode):
         assert completion.choices[0].finish_reason == "tool_calls"
 
 
+class Address(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    city: str = Field(max_length=10)
+    country: Literal["FR", "NO", "IT"]
+
+
+class Person(BaseModel):
+    """A nested model: pydantic writes Address under $defs and refers to it, twice."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=10)
+    home: Address
+    work: Address | None
+
+
+@pytest.mark.parametrize("mode", [instructor.Mode.TOOLS, instructor.Mode.JSON_SCHEMA])
+def test_instructor_with_a_nested_model(sdk, mode):
+    patched = instructor.from_openai(sdk, mode=mode)
+    person = patched.chat.completions.create(
+        model="tiny-qwen2", response_model=Person, messages=[{"role": "user", "content": "Ana lives in Oslo."}],
+        max_tokens=300, max_retries=0,
+    )  # fmt: skip
+    assert isinstance(person.home, Address)
+
+
 @pytest.fixture(scope="module")
 def chat_model(client: TestClient) -> Iterator[ChatOpenAI]:
     key = client.headers["Authorization"].removeprefix("Bearer ")
