@@ -5,6 +5,7 @@ the conversation."""
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -95,6 +96,27 @@ def test_guided_json_on_completions(sdk):
         extra_body={"guided_json": SCHEMAS["person"]},
     )  # fmt: skip
     jsonschema.validate(json.loads(completion.choices[0].text), SCHEMAS["person"])
+
+
+def test_logprobs_under_a_grammar_list_only_allowed_tokens(client):
+    """Where the grammar allows fewer tokens than `top_logprobs`, only those are listed, each with a number: their
+    probabilities (over what the grammar allowed) add up to one rather than padding the list with -inf."""
+    schema = {"type": "object", "properties": {"ok": {"enum": ["yes", "no"]}}, "required": ["ok"]}
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": TINY, "messages": MESSAGES, "max_tokens": 30, "logprobs": True, "top_logprobs": 20,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}},
+        },
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    narrowed = [step for step in content if len(step["top_logprobs"]) < 20]
+    assert narrowed, "the grammar should leave fewer than 20 choices at some step"
+    for step in content:
+        assert all(isinstance(alt["logprob"], float) for alt in step["top_logprobs"]), step
+    for step in narrowed:
+        assert sum(math.exp(alt["logprob"]) for alt in step["top_logprobs"]) == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize(
