@@ -6,7 +6,8 @@ keywords it cannot enforce (`uniqueItems`, `not`) by name where xgrammar compile
 let a raw control character into a JSON string on Mistral's tokenizer, an output that did not parse.
 
 A request carries its grammar as text (`Constraint`); the engine checks it against the base model's tokenizer when
-the request is submitted (an unsupported schema is a 400 naming the keyword), and each sequence gets its own matcher.
+the request is submitted (an unsupported schema is a 400 naming the keyword), and each sequence gets its own matcher,
+a copy of the grammar compiled once per base model.
 Before a step samples, every constrained row's logits outside its grammar are set to -inf; the end-of-turn ids are
 allowed only where the grammar is complete. Free rows are untouched.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, cast
 
 import llguidance
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 # `json.dumps` and templates' `tojson` write it ({"a": 1, "b": [2, 3]}) both pass, so a constrained answer can be
 # the one the model learned; free whitespace would let a model write newlines without end.
 _JSON_LAYOUT: JsonCompileOptions = {"whitespace_pattern": "[ ]?"}
+# Distinct grammars kept compiled per base model; the least recently used is dropped beyond this.
+_COMPILED_GRAMMARS = 64
 
 
 def json_schema_constraint(schema: dict[str, Any], param: str) -> Constraint:
@@ -61,6 +65,10 @@ class GrammarTokenizer:
         self._stop_ids = stop_ids
         self._built: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
+        # Matchers in their start state by grammar text, copied for each sequence: compiling takes about 0.5 ms, a
+        # copy about 2 us, and clients send the same schema again and again (the service checks it, then each of
+        # a request's `n` sequences needs its own matcher).
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
 
     def _engine_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -78,15 +86,23 @@ class GrammarTokenizer:
 
     def matcher(self, constraint: Constraint) -> llguidance.LLMatcher:
         """A fresh matcher for one sequence; a grammar the engine cannot enforce is a 400 naming why."""
-        tokenizer = self._engine_tokenizer()
-        matcher = llguidance.LLMatcher(tokenizer, constraint.grammar, log_level=0)
-        if matcher.is_error():
-            raise InvalidRequest(
-                f"This schema or grammar cannot be enforced: {matcher.get_error()}",
-                param=constraint.param,
-                code="unsupported_schema",
-            )
-        return matcher
+        with self._lock:
+            compiled = self._compiled.get(constraint.grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(constraint.grammar)
+        if compiled is None:
+            compiled = llguidance.LLMatcher(self._engine_tokenizer(), constraint.grammar, log_level=0)
+            if compiled.is_error():
+                raise InvalidRequest(
+                    f"This schema or grammar cannot be enforced: {compiled.get_error()}",
+                    param=constraint.param,
+                    code="unsupported_schema",
+                )
+            with self._lock:
+                self._compiled[constraint.grammar] = compiled
+                while len(self._compiled) > _COMPILED_GRAMMARS:
+                    self._compiled.popitem(last=False)
+        return compiled.deep_copy()
 
 
 def mask_disallowed(logits: torch.Tensor, constrained: list[tuple[int, llguidance.LLMatcher]]) -> None:

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from app.errors import InvalidRequest
-from app.inference.grammar import json_schema_constraint
+from app.inference.grammar import GrammarTokenizer, json_schema_constraint
 from tests.inference.conftest import TINY, request, run_one_by_one, run_together
 from tests.inference.json_schemas import SCHEMAS
 
@@ -73,3 +73,15 @@ def test_a_schema_keyword_the_engine_cannot_enforce_is_refused_by_name(engine, t
     with pytest.raises(InvalidRequest) as refused:
         engine.submit(request(tokenizer, PROMPT, constraint=json_schema_constraint(schema, "response_format")))
     assert keyword in refused.value.message and refused.value.param == "response_format"
+
+
+def test_matchers_of_one_grammar_are_independent(tokenizer):
+    """The grammar is compiled once and copied per sequence: advancing one copy leaves the next at the start."""
+    grammar = GrammarTokenizer(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    constraint = json_schema_constraint({"type": "object", "properties": {"a": {"type": "integer"}}}, "x")
+    first = grammar.matcher(constraint)
+    assert first.consume_tokens(tokenizer.encode('{"a":', add_special_tokens=False))
+    second = grammar.matcher(constraint)
+    assert not second.validate_tokens(tokenizer.encode("1", add_special_tokens=False))  # must open an object
+    assert first.consume_tokens(tokenizer.encode("1}", add_special_tokens=False)) and first.is_accepting()
+    assert second.consume_tokens(tokenizer.encode('{"a":2}', add_special_tokens=False)) and second.is_accepting()
