@@ -1,11 +1,12 @@
 """Publishing a finished job, fenced and atomic: blobs first under names unique to this attempt, then one
-transaction that re-checks ownership and writes the final model's row, the result file and `succeeded`
+transaction that re-checks ownership and writes the final model's row, the result files and `succeeded`
 together. A stale worker's publish fails the fence and leaves nothing behind. (Checkpoint models were published
 as each checkpoint was written: worker/runner.py.)"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 from sqlalchemy import select
 
@@ -17,20 +18,30 @@ from worker.context import WorkerContext
 from worker.leases import Claim, claimed_job, fenced_session
 from worker.training.loop import TrainingResult
 
-RESULT_FILENAME = "step_metrics.csv"
+# The job's result files: the metrics of every step (OpenAI's file), and every training row's final loss.
+METRICS_FILENAME = "step_metrics.csv"
+EXAMPLES_FILENAME = "example_losses.jsonl"
+
+
+def result_files(result: TrainingResult) -> list[tuple[str, bytes]]:
+    files = [(METRICS_FILENAME, result.metrics_csv().encode())]
+    if result.example_scores:
+        lines = (json.dumps(score.to_dict()) + "\n" for score in result.example_scores)
+        files.append((EXAMPLES_FILENAME, "".join(lines).encode()))
+    return files
 
 
 def publish(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> str:
     if result.adapter_dir is None:
         raise ValueError(f"job {claim.job_id}: the run stopped ({result.stopped}) before it had an adapter to publish")
     storage = ctx.storage
-    csv = result.metrics_csv().encode()
-    result_file_id = ids.file_id()
+    files = [(ids.file_id(), name, content) for name, content in result_files(result)]
     adapter = adapter_key(claim.job_id, claim.attempt)
     storage.put_dir(adapter, result.adapter_dir)
-    writer = storage.writer(file_key(result_file_id))
-    writer.write(csv)
-    writer.commit()
+    for file_id, _, content in files:
+        writer = storage.writer(file_key(file_id))
+        writer.write(content)
+        writer.commit()
     try:
         with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
             job = claimed_job(session, claim)
@@ -45,23 +56,25 @@ def publish(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> str:
                     storage_key=adapter,
                 )
             )
-            session.add(
-                File(
-                    id=result_file_id,
-                    project_id=job.project_id,
-                    filename=RESULT_FILENAME,
-                    purpose="fine-tune-results",
-                    bytes=len(csv),
-                    sha256=hashlib.sha256(csv).hexdigest(),
-                    status="processed",
+            for file_id, name, content in files:
+                session.add(
+                    File(
+                        id=file_id,
+                        project_id=job.project_id,
+                        filename=name,
+                        purpose="fine-tune-results",
+                        bytes=len(content),
+                        sha256=hashlib.sha256(content).hexdigest(),
+                        status="processed",
+                    )
                 )
-            )
             # The fence above holds the row, so the move cannot lose.
             transitions.succeed(
-                session, job, model=model, trained_tokens=result.trained_tokens, result_files=[result_file_id]
+                session, job, model=model, trained_tokens=result.trained_tokens, result_files=[f[0] for f in files]
             )
     except BaseException:
         storage.delete(adapter)
-        storage.delete(file_key(result_file_id))
+        for file_id, _, _ in files:
+            storage.delete(file_key(file_id))
         raise
     return model

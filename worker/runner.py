@@ -25,7 +25,7 @@ from app.jobs.spec import resolve_spec
 from app.jobs.status import TERMINAL
 from app.jobs.storage_keys import checkpoint_key, file_key
 from app.ml.adapter_files import lora_shape, read_adapter_config
-from app.ml.device import peak_memory_bytes, release_memory, start_memory_accounting
+from app.ml.device import release_memory, start_memory_accounting
 from app.model_lookup import find_fine_tuned_model
 from app.storage import StorageUnavailable
 from app.tables import File, FineTunedModel, Job, JobCheckpoint, Project
@@ -33,9 +33,9 @@ from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
 from worker.leases import Claim, LeaseLost, claim_job, claimed_job, fenced_session
 from worker.publish import publish
+from worker.reports import report_dropped, report_early_stopping, report_throughput
 from worker.training.callbacks import StopRequest, TrainingCallbacks
 from worker.training.errors import TrainingError
-from worker.training.loop import TrainingResult
 from worker.training.ranks import RankLost, train_on_devices
 
 log = logging.getLogger("tuneserve.runner")
@@ -230,8 +230,9 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
             return _release_paused(ctx, claim, result.n_steps)
         if result.stopped == "cancel":
             return "cancelled"
-        _report_dropped(ctx, claim, result)
-        _report_throughput(ctx, claim, result, memory_at_start)
+        report_dropped(ctx, claim, result)
+        report_throughput(ctx, claim, result, memory_at_start)
+        report_early_stopping(ctx, claim, result)
         publish(ctx, claim, result)
         return "succeeded"
     except TrainingError as exc:
@@ -299,38 +300,3 @@ def _release_paused(ctx: WorkerContext, claim: Claim, step: int) -> str:
         )
     ctx.dispatcher.send(claim.job_id)
     return "requeued"
-
-
-def _report_dropped(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> None:
-    notes = []
-    if result.n_dropped_too_long:
-        notes.append(f"{result.n_dropped_too_long} example(s) longer than max_seq_length were dropped")
-    if result.n_truncated:
-        notes.append(f"{result.n_truncated} example(s) were truncated from the left to fit max_seq_length")
-    if result.n_dropped_no_supervised:
-        notes.append(f"{result.n_dropped_no_supervised} example(s) had no trained token left and were dropped")
-    if notes:
-        with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
-            add_event(session, claim.job_id, "; ".join(notes).capitalize() + ".", level="warn")
-
-
-def _report_throughput(
-    ctx: WorkerContext, claim: Claim, result: TrainingResult, memory_at_start: dict[str, int]
-) -> None:
-    """One event with this run's training speed and, on a GPU, its peak memory and what the worker held when the
-    job started (about nothing, when the jobs before it released theirs)."""
-    seconds = result.train_seconds
-    data: dict[str, Any] = {
-        "trained_tokens": result.run_tokens,
-        "train_seconds": round(seconds, 4),
-        "tokens_per_second": round(result.run_tokens / seconds, 1) if seconds > 0 else None,
-    }
-    message = f"Trained {result.run_tokens:,} tokens in {seconds:.1f} s"
-    if seconds > 0:
-        message += f" ({result.run_tokens / seconds:,.0f} tokens/s)"
-    peak = peak_memory_bytes()
-    if peak is not None:
-        data.update(peak_memory_bytes=peak, **{f"{k}_at_start": v for k, v in memory_at_start.items()})
-        message += f"; peak GPU memory {peak / 2**30:.2f} GiB"
-    with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
-        add_event(session, claim.job_id, message, data=data)

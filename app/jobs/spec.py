@@ -8,6 +8,9 @@ Its `to_dict()` is what the job echoes as the resolved `hyperparameters`.
   (a small dataset still gets enough passes), lowered so it does not exceed 25,000; always within 1..50.
 - batch_size: the largest power of two <= n_examples / 16, within 1..`auto_max_batch_size` of the base model.
 - learning_rate_multiplier: 1, i.e. the base model's default learning rate.
+- eval_every: the steps between validation-sample evaluations, so that they cost about 5% of training (a forward
+  pass over VALID_SAMPLE examples, about half a step's cost per batch_size of them, every 10 x VALID_SAMPLE examples
+  trained), and at most about 20 in a job.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ MAX_TARGET_EXAMPLES = 25_000
 TARGET_EPOCHS = 3
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 LONG_EXAMPLE_POLICIES = ("drop", "truncate_left")
+# Validation examples scored every `eval_every` steps (the full set is scored at every checkpoint).
+VALID_SAMPLE = 32
+MAX_SAMPLE_EVALUATIONS = 20
 # Aliases accepted in requests (the issue and users say `r`, `alpha`, `dropout`).
 _ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
@@ -62,6 +68,8 @@ class TrainingSpec:
     long_example_policy: str = "drop"
     micro_batch_size: int | None = None
     micro_batch_tokens: int | None = None
+    # {"patience": evaluations without improvement, "min_delta": the least that counts as one}, or None (off).
+    early_stopping: dict[str, float] | None = None
     auto: list[str] = field(default_factory=list)  # which of the OpenAI three were "auto"
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +173,27 @@ def auto_batch_size(n_examples: int, max_batch_size: int) -> int:
     return max(1, min(max_batch_size, 256, size))
 
 
+def auto_eval_every(total_steps: int, batch_size: int) -> int:
+    by_cost = math.ceil(10 * VALID_SAMPLE / batch_size)
+    return max(1, by_cost, math.ceil(total_steps / MAX_SAMPLE_EVALUATIONS))
+
+
+def _early_stopping(value: Any) -> dict[str, float] | None:
+    """`{"patience": N, "min_delta": x}` (min_delta defaults to 0), or None when off."""
+    if value is None:
+        return None
+    usage = 'early_stopping must be {"patience": N, "min_delta": x}, N an integer >= 1, x a number >= 0.'
+    if not isinstance(value, dict) or not value.keys() <= {"patience", "min_delta"} or "patience" not in value:
+        raise InvalidRequest(usage, param="early_stopping", code="invalid_hyperparameters")
+    patience, min_delta = value["patience"], value.get("min_delta", 0.0)
+    for name, number in (("patience", patience), ("min_delta", min_delta)):
+        if isinstance(number, bool) or not isinstance(number, int | float) or not 0 <= number < math.inf:
+            raise InvalidRequest(usage, param=f"early_stopping.{name}", code="invalid_hyperparameters")
+    if not float(patience).is_integer() or not 1 <= patience <= 1000:
+        raise InvalidRequest(usage, param="early_stopping.patience", code="invalid_hyperparameters")
+    return {"patience": int(patience), "min_delta": float(min_delta)}
+
+
 def resolve_spec(
     hyperparameters: Mapping[str, Any] | None,
     n_train_examples: int,
@@ -233,7 +262,11 @@ def resolve_spec(
         lr_scheduler=_choice(hp, "lr_scheduler", d["lr_scheduler"], LR_SCHEDULERS),
         max_grad_norm=_number(hp, "max_grad_norm", d["max_grad_norm"], lo=0, hi=1e6, lo_open=True),
         n_checkpoints=_number(hp, "n_checkpoints", 3, kind=int, lo=0, hi=100),
-        eval_every=_number(hp, "eval_every", 10, kind=int, lo=1, hi=10**9),
+        eval_every=(
+            auto_eval_every(n_epochs * math.ceil(n_train_examples / batch_size), batch_size)
+            if hp.get("eval_every", AUTO) == AUTO
+            else _number(hp, "eval_every", None, kind=int, lo=1, hi=10**9)
+        ),
         metrics_every=_number(hp, "metrics_every", 1, kind=int, lo=1, hi=10**9),
         seed=seed,
         packing=_flag(hp, "packing", True),
@@ -244,5 +277,6 @@ def resolve_spec(
             if hp.get("micro_batch_tokens") is None
             else _number(hp, "micro_batch_tokens", None, kind=int, lo=16, hi=10**8)
         ),
+        early_stopping=_early_stopping(hp.get("early_stopping")),
         auto=auto,
     )

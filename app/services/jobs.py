@@ -164,6 +164,10 @@ def create_job(
     seed = request.seed if request.seed is not None else DEFAULT_SEED
     # The same resolution the worker will do, so out-of-range values fail now rather than in the job.
     spec = resolve_spec(options, training.n_examples or 0, seed=seed)
+    if spec.early_stopping and validation is None:
+        raise InvalidRequest(
+            "early_stopping decides on the validation loss: give a validation_file.", param="early_stopping"
+        )
     base_info = registry.resolve(base)
     if parent is None:  # a continued job keeps its parent's LoRA shape, which was checked then
         check_lora_fits(base_info, spec.target_modules, spec.lora_r, max_lora_rank)

@@ -88,6 +88,8 @@ def test_method_form_and_explicit_hyperparameters(client, training_file):
         ({"method": {"type": "dpo"}}, "method.type", "unsupported_method"),
         ({"method": {"type": "nonsense"}}, "method.type", None),
         ({"model": None}, "model", None),
+        ({"early_stopping": {"patience": 2}}, "early_stopping", None),  # no validation file to decide on
+        ({"early_stopping": {"patience": 0}}, "early_stopping.patience", "invalid_hyperparameters"),
     ],
 )
 def test_creation_checks(client, training_file, body, param, code):
@@ -175,6 +177,12 @@ def test_lora_options_the_base_model_cannot_train_or_serve_are_refused_at_creati
     assert r.status_code == 400 and r.json()["error"]["param"] == "hyperparameters.lora_r"
     assert "64" in r.json()["error"]["message"]
     assert create(client, training_file=training_file, lora_r=64).status_code == 200
+
+
+def test_early_stopping_is_a_resolved_hyperparameter(client, training_file):
+    body = {"validation_file": upload(client), "early_stopping": {"patience": 3, "min_delta": 0.01}}
+    job = create(client, training_file=training_file, **body).json()
+    assert job["hyperparameters"]["early_stopping"] == {"patience": 3, "min_delta": 0.01}
 
 
 def test_a_file_an_unfinished_job_needs_cannot_be_deleted(client, training_file):

@@ -54,12 +54,21 @@ def test_a_job_runs_to_a_published_model(client, ctx, sessionmaker, create_job, 
     assert (hp["n_epochs"], hp["batch_size"], hp["learning_rate_multiplier"]) == (2, 4, 1.0)
     assert hp["n_checkpoints"] == 2 and isinstance(hp["learning_rate"], float)
 
-    [result_file] = job["result_files"]
-    meta = client.get(f"/v1/files/{result_file}").json()
+    metrics_file, examples_file = job["result_files"]
+    meta = client.get(f"/v1/files/{metrics_file}").json()
     assert meta["purpose"] == "fine-tune-results" and meta["filename"] == "step_metrics.csv"
-    csv = client.get(f"/v1/files/{result_file}/content").text.splitlines()
-    assert csv[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    csv = client.get(f"/v1/files/{metrics_file}/content").text.splitlines()
+    assert csv[0] == (
+        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy,"
+        "train_mean_token_accuracy,full_valid_loss,full_valid_mean_token_accuracy"
+    )
     assert [line.split(",")[0] for line in csv[1:]] == [str(step) for step in range(1, 11)]
+    # Every training row's final loss, worst first, by its line in the uploaded file.
+    assert client.get(f"/v1/files/{examples_file}").json()["filename"] == "example_losses.jsonl"
+    rows = [json.loads(line) for line in client.get(f"/v1/files/{examples_file}/content").text.splitlines()]
+    assert sorted(row["line"] for row in rows) == list(range(1, len(rows) + 1)) and len(rows) > 1
+    assert [row["loss"] for row in rows] == sorted((row["loss"] for row in rows), reverse=True)
+    assert set(rows[0]) == {"line", "loss", "max_token_loss", "mean_token_accuracy", "supervised_tokens", "wrong"}
 
     metrics = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
     steps = [e for e in metrics if e["type"] == "metrics"]

@@ -27,7 +27,8 @@ from worker.training.attention import (
 from worker.training.checkpoint import load_adapter_weights
 from worker.training.data import load_dataset
 from worker.training.devices import DeviceGroup, StepLoss
-from worker.training.loop import _autocast, _optimizer_step, build_lora_model, default_attention, load_base_model, train
+from worker.training.evaluation import autocast
+from worker.training.loop import _optimizer_step, build_lora_model, default_attention, load_base_model, train
 from worker.training.loss import loss_sums
 from worker.training.packing import collate_packed, collate_padded
 
@@ -51,14 +52,14 @@ def test_without_cuda_everything_runs_on_the_cpu_in_float32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device() == (CPU, torch.float32)
     assert autocast_dtype(CPU) is None
-    assert not _autocast(CPU)._enabled
+    assert not autocast(CPU)._enabled
     assert start_memory_accounting() == {}
 
 
 def test_on_cuda_weights_are_bf16_and_training_autocasts_to_bf16(cuda_present):
     assert pick_device() == (CUDA, torch.bfloat16)
     assert autocast_dtype(CUDA) == torch.bfloat16
-    context = _autocast(CUDA)
+    context = autocast(CUDA)
     assert context._enabled and context.fast_dtype == torch.bfloat16
     cuda_present(False)  # a GPU without bf16 (before Ampere): fp32 weights, no autocast
     assert weight_dtype(CUDA) == torch.float32 and autocast_dtype(CUDA) is None

@@ -77,9 +77,10 @@ def test_run_produces_a_loadable_adapter_metrics_and_checkpoints(tiny, files, tm
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny.name_or_path), result.adapter_dir)
     assert any("lora_B" in n for n, _ in model.named_parameters())
 
-    # Metrics: every step, validation every 3 steps, full validation at the end.
+    # Metrics: every step, a validation sample every 3 steps, the full validation set at each checkpoint (4, 8).
     assert [r["step"] for r in result.metrics_rows] == list(range(1, 9)) and cb.metrics == result.metrics_rows
-    assert [r["step"] for r in result.metrics_rows if r["valid_loss"] is not None] == [3, 6, 8]
+    assert [r["step"] for r in result.metrics_rows if r["valid_loss"] is not None] == [3, 4, 6, 8]
+    assert [r["step"] for r in result.metrics_rows if r.get("full_valid_loss") is not None] == [4, 8]
     last = result.metrics_rows[-1]
     assert last["full_valid_loss"] == result.full_valid_loss == last["valid_loss"]
     assert 0 <= last["train_mean_token_accuracy"] <= 1 and last["train_loss"] > 0
@@ -90,11 +91,15 @@ def test_run_produces_a_loadable_adapter_metrics_and_checkpoints(tiny, files, tm
     assert [s for s, _, _ in cb.checkpoints] == [4, 8]
     for _, path, metrics in cb.checkpoints:
         assert (path / "adapter_model.safetensors").is_file() and (path / "trainer_state.pt").is_file()
-        assert metrics["step"] in (4, 8)
+        assert metrics["step"] in (4, 8) and metrics["full_valid_loss"] == metrics["valid_loss"] > 0
     assert [p[0] for p in cb.progress] == list(range(1, 9)) and cb.progress[-1][2] == 0
     assert cb.polls >= 8  # polled before every step
     assert result.supervised_tokens < result.trained_tokens
     assert result.n_examples == 16 and result.n_dropped_too_long == 0
+    # Every training row scored by the final adapter, worst first, by its line in the file.
+    assert sorted(s.line for s in result.example_scores) == list(range(1, 17))
+    losses = [s.loss for s in result.example_scores]
+    assert losses == sorted(losses, reverse=True)
 
 
 def test_training_changes_adapter_weights_and_never_base_weights(tiny, files):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.errors import InvalidRequest
-from app.jobs.spec import TrainingSpec, auto_batch_size, auto_n_epochs, resolve_spec
+from app.jobs.spec import TrainingSpec, auto_batch_size, auto_eval_every, auto_n_epochs, resolve_spec
 from app.ml.registry import PRETRAINED_DEFAULTS, TINY_DEFAULTS
 
 
@@ -20,6 +20,15 @@ def test_auto_batch_size_grows_with_the_dataset_within_the_models_cap():
     assert auto_batch_size(10, 32) == 1
     assert auto_batch_size(160, 32) == 8
     assert auto_batch_size(100_000, 32) == 32
+
+
+def test_auto_eval_every_keeps_sample_evaluations_cheap_and_at_most_about_twenty():
+    assert auto_eval_every(total_steps=60, batch_size=8) == 40  # 320 examples trained per 32 evaluated
+    assert auto_eval_every(total_steps=60, batch_size=64) == 5
+    assert auto_eval_every(total_steps=10_000, batch_size=64) == 500  # 20 evaluations
+    spec = resolve_spec({"batch_size": 8, "early_stopping": {"patience": 2}}, 160, TINY_DEFAULTS, seed=1)
+    assert spec.eval_every == 40 and spec.early_stopping == {"patience": 2, "min_delta": 0.0}
+    assert TrainingSpec.from_dict(spec.to_dict()) == spec
 
 
 def test_all_auto_resolves_from_the_base_models_defaults():
@@ -58,6 +67,13 @@ def test_explicit_values_and_multiplier_scale_the_default_learning_rate():
         ({"max_seq_length": 4}, "hyperparameters.max_seq_length"),
         ({"long_example_policy": "truncate_right"}, "hyperparameters.long_example_policy"),
         ({"beta": 0.1}, "hyperparameters.beta"),
+        ({"eval_every": 0}, "hyperparameters.eval_every"),
+        ({"early_stopping": {"min_delta": 0.1}}, "early_stopping"),
+        ({"early_stopping": {"patience": 2, "delta": 0.1}}, "early_stopping"),
+        ({"early_stopping": 3}, "early_stopping"),
+        ({"early_stopping": {"patience": 0}}, "early_stopping.patience"),
+        ({"early_stopping": {"patience": 1.5}}, "early_stopping.patience"),
+        ({"early_stopping": {"patience": 2, "min_delta": -1}}, "early_stopping.min_delta"),
     ],
 )
 def test_out_of_range_values_name_the_parameter(hp, param):

@@ -24,6 +24,7 @@ class TokenizedExample:
     input_ids: list[int]
     targets: list[int]
     n_supervised: int
+    line: int = 0  # in the uploaded file (1-based), for reports a user can act on; 0 when not from a file
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -57,14 +58,15 @@ class TokenizedDataset:
         }
 
 
-def read_jsonl(path: Path, *, param: str = "training_file") -> list[dict[str, Any]]:
-    """Read an already validated JSONL file; preference (DPO) data is refused for now."""
-    examples: list[dict[str, Any]] = []
+def read_jsonl(path: Path, *, param: str = "training_file") -> list[tuple[int, dict[str, Any]]]:
+    """Read an already validated JSONL file: (line number, example) pairs, blank lines skipped; preference (DPO)
+    data is refused for now."""
+    examples: list[tuple[int, dict[str, Any]]] = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if line.strip():
-                examples.append(json.loads(line))
-    if examples and "preferred_output" in examples[0]:
+                examples.append((number, json.loads(line)))
+    if examples and "preferred_output" in examples[0][1]:
         raise InvalidRequest(
             "preference (DPO) data is not supported yet; use chat or prompt/completion examples",
             param=param,
@@ -73,9 +75,9 @@ def read_jsonl(path: Path, *, param: str = "training_file") -> list[dict[str, An
     return examples
 
 
-def shift_labels(input_ids: list[int], labels: list[int]) -> TokenizedExample:
+def shift_labels(input_ids: list[int], labels: list[int], line: int = 0) -> TokenizedExample:
     targets = list(labels[1:]) + [IGNORE_INDEX]
-    return TokenizedExample(list(input_ids), targets, sum(t != IGNORE_INDEX for t in targets))
+    return TokenizedExample(list(input_ids), targets, sum(t != IGNORE_INDEX for t in targets), line)
 
 
 def _truncate_left(
@@ -89,12 +91,17 @@ def _truncate_left(
 
 
 def tokenize_examples(
-    raw: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_seq_length: int, policy: str = "drop"
+    raw: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    policy: str = "drop",
+    lines: list[int] | None = None,
 ) -> TokenizedDataset:
     """Render every example; apply `policy` ("drop" or "truncate_left") to examples over `max_seq_length`;
-    drop (and count) examples left with no supervised token."""
+    drop (and count) examples left with no supervised token. `lines` are the examples' line numbers in their
+    file, kept on each example."""
     out = TokenizedDataset(n_read=len(raw))
-    for example in raw:
+    for line, example in zip(lines or [0] * len(raw), raw, strict=True):
         try:
             input_ids, labels = render_training_example(example, tokenizer)
         except ChatTemplateError as exc:
@@ -105,7 +112,7 @@ def tokenize_examples(
                 continue
             input_ids, labels = _truncate_left(input_ids, labels, max_seq_length, tokenizer.bos_token_id)
             out.n_truncated += 1
-        tokenized = shift_labels(input_ids, labels)
+        tokenized = shift_labels(input_ids, labels, line)
         if tokenized.n_supervised == 0:
             out.n_dropped_no_supervised += 1
             continue
@@ -116,4 +123,6 @@ def tokenize_examples(
 def load_dataset(
     path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, policy: str, *, param: str
 ) -> TokenizedDataset:
-    return tokenize_examples(read_jsonl(path, param=param), tokenizer, max_seq_length, policy)
+    numbered = read_jsonl(path, param=param)
+    lines, raw = [n for n, _ in numbered], [example for _, example in numbered]
+    return tokenize_examples(raw, tokenizer, max_seq_length, policy, lines)

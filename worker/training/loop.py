@@ -23,9 +23,9 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from app.jobs.spec import TrainingSpec
+from app.jobs.spec import VALID_SAMPLE, TrainingSpec
 from app.ml.base_model import load_causal_lm, load_tokenizer
-from app.ml.device import autocast_dtype, pick_device, weight_dtype
+from app.ml.device import pick_device, weight_dtype
 from app.ml.registry import BaseModelInfo
 from worker.training.attention import PACKED_FLASH_ATTENTION, SEGMENT_ATTENTION, flash_attention_available
 from worker.training.callbacks import StopRequest, TrainingCallbacks
@@ -38,13 +38,22 @@ from worker.training.checkpoint import (
 )
 from worker.training.data import TokenizedDataset, TokenizedExample, load_dataset
 from worker.training.devices import DeviceGroup
+from worker.training.early_stopping import EarlyStopping
 from worker.training.errors import TrainingError
-from worker.training.loss import loss_sums
+from worker.training.evaluation import ExampleScore, autocast, evaluate, score_examples
 from worker.training.packing import MicroBatch, plan_epoch, step_micro_batches
 
-RESULT_CSV_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
-# Validation examples scored every `eval_every` steps (the full set is scored at the end).
-EVAL_SUBSET = 64
+# OpenAI's columns (train_accuracy included), then the metric events' own names for the same figures and more.
+RESULT_CSV_COLUMNS = (
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "train_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+)
 # Tokens per forward pass when the spec leaves it open and rows are batched (GPU, or padded batches).
 DEFAULT_MICRO_BATCH_TOKENS = 16384
 
@@ -94,9 +103,14 @@ class TrainingResult:
     # optimizer steps took (evaluation and checkpoints excluded; on CUDA the last step is waited for).
     run_tokens: int = 0
     train_seconds: float = 0.0
+    # With early stopping: what it decided, in a sentence, and the step whose weights are the adapter.
+    early_stopping: str | None = None
+    best_step: int | None = None
+    # Every training example scored by the final adapter, worst first (main rank only).
+    example_scores: list[ExampleScore] = field(default_factory=list)
 
     def metrics_csv(self) -> str:
-        """The result file: `step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`."""
+        """The result file: one row per metrics row, RESULT_CSV_COLUMNS."""
         lines = [",".join(RESULT_CSV_COLUMNS)]
         for row in self.metrics_rows:
             lines.append(",".join("" if row.get(c) is None else f"{row[c]:.6g}" for c in RESULT_CSV_COLUMNS))
@@ -161,42 +175,6 @@ def lr_lambda(spec: TrainingSpec, total_steps: int) -> Callable[[int], float]:
         return max(0.0, 1.0 - progress)
 
     return factor
-
-
-def evaluate(
-    model: PeftModel, examples: list[TokenizedExample], spec: TrainingSpec, pad_id: int, group: DeviceGroup
-) -> tuple[float, float]:
-    """Mean loss and token accuracy over supervised tokens of `examples` (packed, no gradients; each rank of a
-    group scores its slice)."""
-    device = group.device
-    was_training = model.training
-    model.eval()
-    loss_total, correct_total, n_total = 0.0, 0, 0
-    mine = group.shard(examples)
-    with torch.no_grad(), _autocast(device):
-        for mb in step_micro_batches(
-            mine,
-            packing=True,
-            max_seq_length=spec.max_seq_length,
-            pad_id=pad_id,
-            micro_batch_tokens=micro_batch_tokens(spec, device),
-        ):
-            loss, correct = loss_sums(model, mb.to(device))
-            loss_total += loss.item()
-            correct_total += int(correct)
-            n_total += mb.n_supervised
-    model.train(was_training)
-    loss_sum, correct_sum, n_sum = group.sum([loss_total, correct_total, n_total])
-    return loss_sum / n_sum, correct_sum / n_sum
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast over bf16 base weights (the fp32 LoRA weights' matmuls run in bf16 too; their gradients and
-    the optimizer state stay fp32); none elsewhere."""
-    dtype = autocast_dtype(device)
-    if dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _seed_everything(seed: int) -> None:
@@ -279,6 +257,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
 
     rows: list[dict[str, Any]] = []
+    state: dict[str, Any] = {}  # of the checkpoint resumed from
     checkpoints: list[tuple[int, Path]] = []
     trained_tokens = supervised_tokens = 0
     start_step = 0
@@ -291,6 +270,12 @@ def train(
     if group.rank:
         # Rank 0 draws LoRA dropout from the seed (or the checkpoint's RNG state); the others draw their own.
         torch.manual_seed(int(np.random.SeedSequence([spec.seed, group.rank, start_step]).generate_state(1)[0]))
+    early = None
+    if valid_examples and spec.early_stopping:
+        early = EarlyStopping(int(spec.early_stopping["patience"]), spec.early_stopping["min_delta"])
+        if resume_from is not None:
+            early.load_state_dict(state["early_stopping"])
+    eval_tokens = micro_batch_tokens(spec, device)
     step_loss = group.wrap(model)
     resumed_tokens, train_seconds = trained_tokens, 0.0
 
@@ -328,6 +313,7 @@ def train(
             "supervised_tokens": supervised_tokens,
             "spec": spec.to_dict(),
             "n_examples": n_examples,
+            "early_stopping": early.state_dict() if early is not None else None,
         }
         path = save_checkpoint(output_dir / "checkpoints", step, model, optimizer, scheduler, progress)
         checkpoints.append((step, path))
@@ -345,7 +331,10 @@ def train(
     checkpoint_steps = _checkpoint_steps(spec, total_steps)
     plans: dict[int, list[list[int]]] = {}
     started = time.monotonic()
+    last_step = start_step
     for step in range(start_step, total_steps):
+        if early is not None and early.should_stop:  # also when resuming from the checkpoint where it stopped
+            break
         stop = group.agree(callbacks.should_stop())
         if stop == "cancel":
             return result("cancel", None, step)
@@ -374,27 +363,48 @@ def train(
             "grad_norm": figures.grad_norm,
         }
         row.update(valid_loss=None, valid_mean_token_accuracy=None)
-        if valid_examples and is_last:
-            full_loss, full_acc = evaluate(model, valid_examples, spec, pad_id, group)
+        improved = False
+        # The whole validation set at every checkpoint, at the end, and (early stopping decides on it) at every
+        # evaluation; a sample of it at the other evaluations.
+        evaluating = step_no % spec.eval_every == 0
+        if valid_examples and (is_last or step_no in checkpoint_steps or (early and evaluating)):
+            full_loss, full_acc = evaluate(model, valid_examples, spec, pad_id, group, eval_tokens)
             row.update(valid_loss=full_loss, valid_mean_token_accuracy=full_acc)
             row.update(full_valid_loss=full_loss, full_valid_mean_token_accuracy=full_acc)
-        elif valid_examples and step_no % spec.eval_every == 0:
-            v_loss, v_acc = evaluate(model, valid_examples[:EVAL_SUBSET], spec, pad_id, group)
+            improved = early is not None and early.observe(step_no, full_loss, model)
+        elif valid_examples and evaluating:
+            v_loss, v_acc = evaluate(model, valid_examples[:VALID_SAMPLE], spec, pad_id, group, eval_tokens)
             row.update(valid_loss=v_loss, valid_mean_token_accuracy=v_acc)
-        if step_no % spec.metrics_every == 0 or is_last or row["valid_loss"] is not None:
+        stopping = early is not None and early.should_stop
+        if step_no % spec.metrics_every == 0 or is_last or stopping or row["valid_loss"] is not None:
             rows.append(row)
             callbacks.on_metrics(dict(row))
 
         done = step_no - start_step
         eta = (time.monotonic() - started) / done * (total_steps - step_no)
         callbacks.on_progress(step_no, total_steps, eta)
-        if step_no in checkpoint_steps:
+        if step_no in checkpoint_steps or improved:  # the best so far is always a checkpoint, a servable model
             checkpoint(step_no)
+        last_step = step_no
 
+    if early is not None:
+        early.restore_best(model)
     if not group.is_main:
-        return result(None, None, total_steps)
+        return result(None, None, last_step)
     adapter_dir = write_atomically(output_dir / "adapter", lambda tmp: save_adapter(model, tmp))
-    return result(None, adapter_dir, total_steps)
+    finished = result(None, adapter_dir, last_step)
+    if early is not None:
+        finished.early_stopping, finished.best_step = early.reason(last_step), early.best_step
+        finished.full_valid_loss = early.best_loss
+        finished.full_valid_mean_token_accuracy = _row_at(rows, early.best_step).get("full_valid_mean_token_accuracy")
+    finished.example_scores = score_examples(
+        model, train_data.examples, spec.max_seq_length, pad_id, device, eval_tokens
+    )
+    return finished
+
+
+def _row_at(rows: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    return next((row for row in rows if row["step"] == step), {})
 
 
 def _require_examples(data: TokenizedDataset, spec: TrainingSpec) -> None:
@@ -429,7 +439,7 @@ def accumulate_gradients(
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else group.no_sync(step_loss):
-            with _autocast(group.device):
+            with autocast(group.device):
                 loss, correct = step_loss(mb.to(group.device))
             (loss * scale / n_supervised).backward()
         loss_total += loss.item()

@@ -8,6 +8,8 @@ checkpointing, so at most one chunk of logits is alive at a time, in forward and
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
@@ -39,6 +41,33 @@ def _chunk_sums(
     return loss, correct
 
 
+def _supervised_hidden(
+    model: PeftModel | PreTrainedModel,
+    batch: MicroBatch,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    use_cache: bool = False,
+    segments: list[list[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.nn.Linear]:
+    """The decoder's hidden states at the batch's supervised positions, their targets, the mask of those
+    positions [rows, T], and the LM head (not yet applied)."""
+    causal_lm = unwrap_causal_lm(model)
+    decoder = causal_lm.base_model  # e.g. LlamaModel: the transformer without the LM head (and its config)
+    lm_head = cast(torch.nn.Linear, causal_lm.get_output_embeddings())
+    extra = {}
+    if causal_lm.config._attn_implementation == SEGMENT_ATTENTION:
+        extra["segments"] = batch.segments if segments is None else segments
+    outputs = decoder(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask if attention_mask is None else attention_mask,
+        position_ids=batch.position_ids if position_ids is None else position_ids,
+        use_cache=use_cache,
+        **extra,
+    )
+    selected = batch.targets != IGNORE_INDEX
+    return outputs.last_hidden_state[selected], batch.targets[selected], selected, lm_head
+
+
 def loss_sums(
     model: PeftModel | PreTrainedModel,
     batch: MicroBatch,
@@ -55,22 +84,7 @@ def loss_sums(
     positions, no cache, and with the segment attention implementation the batch's segments); the overrides
     exist so tests can reproduce the known packing mistakes.
     """
-    causal_lm = unwrap_causal_lm(model)
-    decoder = causal_lm.base_model  # e.g. LlamaModel: the transformer without the LM head (and its config)
-    lm_head = causal_lm.get_output_embeddings()
-    extra = {}
-    if causal_lm.config._attn_implementation == SEGMENT_ATTENTION:
-        extra["segments"] = batch.segments if segments is None else segments
-    outputs = decoder(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask if attention_mask is None else attention_mask,
-        position_ids=batch.position_ids if position_ids is None else position_ids,
-        use_cache=use_cache,
-        **extra,
-    )
-    selected = batch.targets != IGNORE_INDEX
-    hidden = outputs.last_hidden_state[selected]
-    targets = batch.targets[selected]
+    hidden, targets, _, lm_head = _supervised_hidden(model, batch, attention_mask, position_ids, use_cache, segments)
     n, vocab = hidden.shape[0], lm_head.weight.shape[0]
     chunk = max(1, chunk_elements // vocab)
     if n <= chunk:
@@ -86,3 +100,25 @@ def loss_sums(
         loss = loss + part_loss
         correct = correct + part_correct
     return loss, correct
+
+
+@torch.no_grad()
+def token_losses(
+    model: PeftModel | PreTrainedModel, batch: MicroBatch, *, chunk_elements: int = LOGITS_CHUNK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position [rows, T]: the cross-entropy of its target and whether the argmax predicted it (0 and False
+    where nothing is supervised), as `loss_sums` counts them; for reports on single examples."""
+    hidden, targets, selected, lm_head = _supervised_hidden(model, batch)
+    chunk = max(1, chunk_elements // lm_head.weight.shape[0])
+    losses, correct = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = lm_head(hidden[start : start + chunk]).float()
+        t = targets[start : start + chunk]
+        losses.append(F.cross_entropy(logits, t, reduction="none"))
+        correct.append(logits.argmax(-1) == t)
+    loss_grid = torch.zeros(selected.shape, dtype=torch.float32, device=hidden.device)
+    correct_grid = torch.zeros(selected.shape, dtype=torch.bool, device=hidden.device)
+    if losses:
+        loss_grid[selected] = torch.cat(losses)
+        correct_grid[selected] = torch.cat(correct)
+    return loss_grid, correct_grid

@@ -121,7 +121,7 @@ def collate_padded(examples: list[TokenizedExample], pad_id: int, pad_to: int | 
     )
 
 
-def _group(widths: list[int], micro_batch_size: int | None, micro_batch_tokens: int) -> list[list[int]]:
+def group_rows(widths: list[int], micro_batch_size: int | None, micro_batch_tokens: int) -> list[list[int]]:
     """Consecutive groups: `micro_batch_size` items each, or as many as fit `micro_batch_tokens` when padded
     to the group's widest item."""
     if micro_batch_size:
@@ -154,10 +154,8 @@ def step_micro_batches(
         bins = best_fit_decreasing([len(e) for e in examples], max_seq_length)
         rows = [[examples[i] for i in b] for b in bins]
         widths = [sum(len(e) for e in row) for row in rows]
-        return [
-            collate_packed([rows[i] for i in g], pad_id) for g in _group(widths, micro_batch_size, micro_batch_tokens)
-        ]
+        groups = group_rows(widths, micro_batch_size, micro_batch_tokens)
+        return [collate_packed([rows[i] for i in g], pad_id) for g in groups]
     widths = [len(e) for e in examples]
-    return [
-        collate_padded([examples[i] for i in g], pad_id) for g in _group(widths, micro_batch_size, micro_batch_tokens)
-    ]
+    groups = group_rows(widths, micro_batch_size, micro_batch_tokens)
+    return [collate_padded([examples[i] for i in g], pad_id) for g in groups]
