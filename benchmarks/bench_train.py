@@ -12,8 +12,13 @@ their own words until each message has as many tokens in the family's tokenizer 
 one (`--same-text` keeps the text as it is), so every model trains on the same token lengths and the ratios differ
 only by what the model and its template do. A template that refuses a system role gets the examples without it.
 
-Usage: .venv/bin/python benchmarks/bench_train.py [--examples 96] [--family qwen2]
-The last line is `useful_tps_ratio_vs_naive=... useful_tps_ratio_vs_trl=... peak_mem_ratio_vs_naive=...`.
+`--validation` measures instead what knowing whether the job worked costs: the same 3-epoch job with and without a
+validation file (a fifth of the training size) at the default `eval_every` and checkpoints (the sample every
+`eval_every` steps, the whole set at each of the 3 checkpoints), and the per-example report after training.
+
+Usage: .venv/bin/python benchmarks/bench_train.py [--examples 96] [--family qwen2] [--validation]
+The last line is `useful_tps_ratio_vs_naive=... useful_tps_ratio_vs_trl=... peak_mem_ratio_vs_naive=...`, or with
+`--validation` `validation_overhead=... example_report_share=...`.
 """
 
 from __future__ import annotations
@@ -143,6 +148,41 @@ def run_engine(model_dir: Path, train_file: Path, n: int, out_dir: Path, **overr
     timer = Timer()
     train(spec_for(n, **overrides), train_file, None, str(model_dir), out_dir, timer)
     return elapsed(timer.start, timer.end)
+
+
+def run_with_validation(
+    model_dir: Path, train_file: Path, valid_file: Path | None, n: int, out_dir: Path
+) -> tuple[float, float]:
+    """(wall seconds of the training loop, wall seconds after it: the adapter and the per-example report)."""
+    from worker.training.loop import train
+
+    timer = Timer()
+    spec = spec_for(n, n_epochs=3, n_checkpoints=3, eval_every="auto")
+    train(spec, train_file, valid_file, str(model_dir), out_dir, timer)
+    done = clocks()
+    return elapsed(timer.start, timer.end)[0], elapsed(timer.end, done)[0]
+
+
+def validation_main(tmp: Path, model_dir: Path, tokenizer, n: int, repeats: int) -> None:
+    train_examples = make_dataset(tokenizer, n, seed=SEED)
+    valid_examples = make_dataset(tokenizer, max(1, n // 5), seed=SEED + 1)
+    train_file, valid_file = tmp / "train.jsonl", tmp / "valid.jsonl"
+    write_jsonl(train_file, train_examples)
+    write_jsonl(valid_file, valid_examples)
+    spec = spec_for(n, n_epochs=3, eval_every="auto")
+    print(
+        f"{n} training and {len(valid_examples)} validation examples, 3 epochs of {BATCH_EXAMPLES}: "
+        f"eval_every {spec.eval_every} (auto), 3 checkpoints"
+    )
+    best = {"without": (float("inf"), float("inf")), "with": (float("inf"), float("inf"))}
+    for _ in range(repeats):  # interleaved, best of each: contention only slows a run down
+        for name, valid in (("without", None), ("with", valid_file)):
+            loop, after = run_with_validation(model_dir, train_file, valid, n, tmp / name)
+            best[name] = (min(best[name][0], loop), min(best[name][1], after))
+    for name, (loop, after) in best.items():
+        print(f"{name} validation: loop {loop:7.2f} s, after the loop (adapter + example report) {after:6.2f} s")
+    overhead = best["with"][0] / best["without"][0] - 1
+    print(f"validation_overhead={overhead:.3f} example_report_share={best['with'][1] / best['with'][0]:.3f}")
 
 
 def naive_batches(tokenizer, examples: list[dict], pad_id: int):
@@ -295,6 +335,7 @@ def main() -> None:
     parser.add_argument("--family", choices=sorted(FAMILIES), help="train tiny-FAMILY instead of tuneserve-tiny")
     parser.add_argument("--same-text", action="store_true", help="with --family: do not match tiny's token lengths")
     parser.add_argument("--memory-child", nargs=3, metavar=("VARIANT", "MODEL_DIR", "DATA"))
+    parser.add_argument("--validation", action="store_true", help="the cost of validation metrics and reports")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.memory_child:
@@ -312,6 +353,9 @@ def main() -> None:
         family = args.family
         model_dir = ensure_family_model(tmp / "data", family) if family else ensure_tiny_model(tmp / "data")
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if args.validation:
+            validation_main(tmp, model_dir, tokenizer, args.examples, args.repeats)
+            return
         examples = make_dataset(
             tokenizer, args.examples, seed=SEED, match_tiny_lengths=bool(family) and not args.same_text
         )

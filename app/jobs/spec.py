@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, overload
 
 from app.errors import InvalidRequest
@@ -34,6 +34,8 @@ LONG_EXAMPLE_POLICIES = ("drop", "truncate_left")
 # Validation examples scored every `eval_every` steps (the full set is scored at every checkpoint).
 VALID_SAMPLE = 32
 MAX_SAMPLE_EVALUATIONS = 20
+# Spec fields that change what is measured during a run, never the weights it trains.
+_MEASUREMENT_ONLY = frozenset({"eval_every", "metrics_every"})
 # Aliases accepted in requests (the issue and users say `r`, `alpha`, `dropout`).
 _ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
@@ -74,6 +76,18 @@ class TrainingSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def continues(self, saved: Mapping[str, Any]) -> bool:
+        """Whether a checkpoint written under `saved` (an earlier `to_dict()`, perhaps of an older version) trains
+        on exactly as this spec would. Only when it is measured differs (`eval_every`, `metrics_every`), and a
+        field added since that holds its default, do not count: a job in flight across an upgrade resumes."""
+        current = self.to_dict()
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        return all(
+            saved.get(name, defaults.get(name, MISSING)) == value
+            for name, value in current.items()
+            if name not in _MEASUREMENT_ONLY
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingSpec:

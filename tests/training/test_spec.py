@@ -86,3 +86,14 @@ def test_seed_out_of_range_is_rejected():
     with pytest.raises(InvalidRequest) as info:
         resolve_spec({}, 100, PRETRAINED_DEFAULTS, seed=-1)
     assert info.value.param == "seed"
+
+
+def test_a_checkpoint_of_an_older_spec_continues_when_only_measurement_or_new_defaults_differ():
+    spec = resolve_spec({"n_epochs": 2, "batch_size": 4}, 100, TINY_DEFAULTS, seed=1)
+    older = {k: v for k, v in spec.to_dict().items() if k != "early_stopping"} | {"eval_every": 10}
+    assert spec.continues(older) and spec.continues(spec.to_dict())
+    assert not spec.continues(older | {"batch_size": 8})
+    stopping = resolve_spec(
+        {"n_epochs": 2, "batch_size": 4, "early_stopping": {"patience": 2}}, 100, TINY_DEFAULTS, seed=1
+    )
+    assert not stopping.continues(older)  # early stopping changes where training ends

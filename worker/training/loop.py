@@ -263,7 +263,7 @@ def train(
     start_step = 0
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from), model, optimizer, scheduler)
-        if state["spec"] != spec.to_dict() or state["n_examples"] != n_examples:
+        if not spec.continues(state["spec"]) or state["n_examples"] != n_examples:
             raise TrainingError("checkpoint_mismatch", "the checkpoint was written for a different spec or dataset")
         start_step = state["step"]
         rows, trained_tokens, supervised_tokens = state["rows"], state["trained_tokens"], state["supervised_tokens"]
@@ -273,7 +273,7 @@ def train(
     early = None
     if valid_examples and spec.early_stopping:
         early = EarlyStopping(int(spec.early_stopping["patience"]), spec.early_stopping["min_delta"])
-        if resume_from is not None:
+        if state.get("early_stopping") is not None:
             early.load_state_dict(state["early_stopping"])
     eval_tokens = micro_batch_tokens(spec, device)
     step_loss = group.wrap(model)
