@@ -99,6 +99,8 @@ class Job(Base):
     # Workers that stopped without finishing it (lease expired): the attempt limit counts these, not the claims,
     # so pausing and resuming never uses it up.
     lost_workers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The summary of the evaluation report (base vs fine-tuned on the validation file), once the job succeeded.
+    evaluation: Mapped[dict | None] = mapped_column(JSON)
 
 
 class JobEvent(Base):

@@ -1,15 +1,20 @@
-"""The events a finished run adds before it is published: what was left out of training, how fast it ran, and
-what early stopping decided."""
+"""The events a finished run adds before it is published: what was left out of training, how fast it ran, what
+early stopping decided, and how the fine-tuned model compares with its base (the evaluation report)."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
-from app.jobs.events import add_event
+from app.jobs.events import EventLevel, add_event
 from app.ml.device import peak_memory_bytes
 from worker.context import WorkerContext
+from worker.evaluation_report import evaluation_report
 from worker.leases import Claim, fenced_session
 from worker.training.loop import TrainingResult
+
+log = logging.getLogger("tuneserve.reports")
 
 
 def report_dropped(ctx: WorkerContext, claim: Claim, result: TrainingResult) -> None:
@@ -57,3 +62,30 @@ def report_early_stopping(ctx: WorkerContext, claim: Claim, result: TrainingResu
     data = {"best_step": result.best_step, "stopped_at_step": result.n_steps, "full_valid_loss": result.full_valid_loss}
     with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
         add_event(session, claim.job_id, message + ".", data=data)
+
+
+def evaluate_fine_tune(
+    ctx: WorkerContext, claim: Claim, base_model: str, model_name: str, adapter_dir: Path, validation: Path
+) -> dict[str, Any] | None:
+    """The evaluation report, with an event that sums it up. A report that cannot be made is said in a warning
+    event, and the model is published without it: the training it reports on succeeded."""
+    level: EventLevel = "info"
+    try:
+        report = evaluation_report(ctx.registry, base_model, model_name, adapter_dir, validation)
+    except Exception as exc:
+        log.exception("job %s: the evaluation report failed", claim.job_id)
+        message, level, report = f"The evaluation report could not be made: {type(exc).__name__}: {exc}", "warn", None
+    else:
+        if report is None:
+            message, level = "No validation example ends with a text answer: no evaluation report.", "warn"
+        else:
+            s = report["summary"]
+            base, tuned = s["base"], s["fine_tuned"]
+            message = (
+                f"Evaluation on {s['n_examples']} validation example(s), greedy: exact match "
+                f"{base['exact_match']:.0%} (base) -> {tuned['exact_match']:.0%} (fine-tuned), token F1 "
+                f"{base['token_f1']:.2f} -> {tuned['token_f1']:.2f}"
+            )
+    with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
+        add_event(session, claim.job_id, message, level=level, data=report["summary"] if report else None)
+    return report

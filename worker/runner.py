@@ -33,7 +33,7 @@ from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
 from worker.leases import Claim, LeaseLost, claim_job, claimed_job, fenced_session
 from worker.publish import publish
-from worker.reports import report_dropped, report_early_stopping, report_throughput
+from worker.reports import evaluate_fine_tune, report_dropped, report_early_stopping, report_throughput
 from worker.training.callbacks import StopRequest, TrainingCallbacks
 from worker.training.errors import TrainingError
 from worker.training.ranks import RankLost, train_on_devices
@@ -233,7 +233,11 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         report_dropped(ctx, claim, result)
         report_throughput(ctx, claim, result, memory_at_start)
         report_early_stopping(ctx, claim, result)
-        publish(ctx, claim, result)
+        evaluation = None
+        if job.validation_file and result.adapter_dir is not None:
+            validation = storage.local_file(file_key(job.validation_file))
+            evaluation = evaluate_fine_tune(ctx, claim, job.base_model, model_name, result.adapter_dir, validation)
+        publish(ctx, claim, result, evaluation)
         return "succeeded"
     except TrainingError as exc:
         _fail(ctx, claim, exc.code, exc.message, exc.param)

@@ -20,6 +20,7 @@ worker/leases.py).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -100,7 +101,16 @@ def requeue(session: Session, job: Job, message: str, *, worker_lost: bool) -> b
     return moved
 
 
-def succeed(session: Session, job: Job, *, model: str, trained_tokens: int, result_files: list[str]) -> bool:
+def succeed(
+    session: Session,
+    job: Job,
+    *,
+    model: str,
+    trained_tokens: int,
+    result_files: list[str],
+    evaluation: dict[str, Any] | None = None,
+) -> bool:
+    """`evaluation`: the evaluation report's summary, kept on the job and carried by its last event."""
     moved = _move(
         session,
         job,
@@ -109,13 +119,15 @@ def succeed(session: Session, job: Job, *, model: str, trained_tokens: int, resu
         fine_tuned_model=model,
         trained_tokens=trained_tokens,
         result_files=result_files,
+        evaluation=evaluation,
         lease_until=None,
         estimated_finish=None,
         pause_requested=False,
     )
     if moved:
         add_event(session, job.id, f"New fine-tuned model created: {model}", data={"model": model})
-        add_event(session, job.id, "The job has successfully completed")
+        data = {"evaluation": evaluation} if evaluation else None
+        add_event(session, job.id, "The job has successfully completed", data=data)
     return moved
 
 

@@ -103,6 +103,8 @@ class FineTuningJob(BaseModel):
     integrations: list[dict[str, Any]] | None
     metadata: dict[str, str] | None
     user_provided_suffix: str | None
+    # An extra of this service: the evaluation report's summary (a job with a validation file, once succeeded).
+    evaluation: dict[str, Any] | None = None
 
 
 class JobList(ListPage[FineTuningJob]):
@@ -181,5 +183,6 @@ def job_object(row: Job, organization_id: str) -> FineTuningJob:
         integrations=[],
         metadata=row.user_metadata,
         user_provided_suffix=row.suffix,
+        evaluation=row.evaluation,
         **echoed,
     )

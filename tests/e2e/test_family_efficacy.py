@@ -2,7 +2,7 @@
 fine-tuned through the real API (openai SDK, uvicorn, Postgres, Redis, the Celery worker) on the intent -> JSON
 task answers held-out phrasings with exactly the expected JSON, and the base model never does.
 
-The check `tuneserve-tiny` has (tests/training/test_efficacy.py: all-"auto" hyperparameters, 160 examples), run
+The check `tuneserve-tiny` has (tests/jobs/test_evaluation_report.py: all-"auto" hyperparameters, 160 examples), run
 through the service for each family's architecture, tokenizer and chat template. It fails when training and
 inference disagree on the text around the answer (mask, generation prompt, end-of-turn), when the adapter does
 not reach the served model, or when a family's model does not learn. One server and one worker serve every
