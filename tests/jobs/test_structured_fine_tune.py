@@ -65,6 +65,7 @@ def structured_model(client, ctx) -> tuple[str, list[tuple[str, str]]]:
     return client.get(f"/v1/fine_tuning/jobs/{r.json()['id']}").json()["fine_tuned_model"], held_out
 
 
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # the database plays no part; training is a minute
 def test_a_fine_tuned_model_served_with_schemas_and_tools(client, structured_model):
     """One training run for both checks (it takes most of this test's time)."""
     model, held_out = structured_model

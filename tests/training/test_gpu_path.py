@@ -28,9 +28,10 @@ from worker.training.checkpoint import load_adapter_weights
 from worker.training.data import load_dataset
 from worker.training.devices import DeviceGroup, StepLoss
 from worker.training.evaluation import autocast
-from worker.training.loop import _optimizer_step, build_lora_model, default_attention, load_base_model, train
+from worker.training.loop import build_lora_model, default_attention, load_base_model, train
 from worker.training.loss import loss_sums
 from worker.training.packing import collate_packed, collate_padded
+from worker.training.step import optimizer_step
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -106,7 +107,7 @@ def test_lora_weights_gradients_and_optimizer_state_stay_fp32_over_a_bf16_base(t
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     before = [p.detach().clone() for p in trainable]
     pad_id = tokenizer.pad_token_id
-    step = _optimizer_step(
+    step = optimizer_step(
         StepLoss(model), DeviceGroup(CPU), optimizer, scheduler, trainable, examples[:8], spec, pad_id
     )
     assert step.loss == step.loss and step.n_tokens == sum(len(e) for e in examples[:8])

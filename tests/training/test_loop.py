@@ -15,7 +15,8 @@ from tests.training.conftest import write_jsonl
 from worker.training.callbacks import TrainingCallbacks
 from worker.training.devices import DeviceGroup, StepLoss
 from worker.training.errors import TrainingError
-from worker.training.loop import RESULT_CSV_COLUMNS, _optimizer_step, build_lora_model, load_base_model, train
+from worker.training.loop import RESULT_CSV_COLUMNS, build_lora_model, load_base_model, train
+from worker.training.step import optimizer_step
 
 CPU = torch.device("cpu")
 
@@ -116,7 +117,7 @@ def test_training_changes_adapter_weights_and_never_base_weights(tiny, files):
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     for _ in range(3):
-        _optimizer_step(StepLoss(model), DeviceGroup(CPU), optimizer, scheduler, trainable, data.examples[:4], spec, 0)
+        optimizer_step(StepLoss(model), DeviceGroup(CPU), optimizer, scheduler, trainable, data.examples[:4], spec, 0)
     after = dict(model.named_parameters())
     lora = [n for n in before if "lora_" in n]
     assert lora and all(not torch.equal(before[n], after[n]) for n in lora)
@@ -221,5 +222,5 @@ def test_nan_loss_is_a_training_error(tiny, files):
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     with pytest.raises(TrainingError) as info:
-        _optimizer_step(StepLoss(model), DeviceGroup(CPU), optimizer, scheduler, trainable, data.examples[:4], spec, 0)
+        optimizer_step(StepLoss(model), DeviceGroup(CPU), optimizer, scheduler, trainable, data.examples[:4], spec, 0)
     assert info.value.code == "nan_loss"

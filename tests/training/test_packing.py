@@ -10,7 +10,7 @@ from app.ml.synthetic import varied_length_chat
 from worker.training.attention import SEGMENT_ATTENTION
 from worker.training.data import tokenize_examples
 from worker.training.devices import DeviceGroup, StepLoss
-from worker.training.loop import accumulate_gradients, build_lora_model, load_base_model
+from worker.training.loop import build_lora_model, load_base_model
 from worker.training.loss import loss_sums
 from worker.training.packing import (
     best_fit_decreasing,
@@ -19,6 +19,7 @@ from worker.training.packing import (
     plan_epoch,
     step_micro_batches,
 )
+from worker.training.step import accumulate_gradients
 
 CPU = torch.device("cpu")
 
