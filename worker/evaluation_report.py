@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from app.datasets.examples import preference_conversations
 from app.inference import AdapterRef, Finished, GenerationHandle, GenerationRequest, InferenceEngine, TextDelta
 from app.ml.chat import render_chat_prompt, render_completion_prompt
 from app.ml.registry import BaseModelRegistry
@@ -48,7 +49,9 @@ def _words(text: str) -> list[str]:
 
 def _case(line: int, example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
     """What to ask and what is expected, for an example whose answer is text; None for one that is not (a tool
-    call, or a conversation that does not end with the assistant)."""
+    call, or a conversation that does not end with the assistant). A preference pair expects its preferred answer."""
+    if "preferred_output" in example:
+        example, _ = preference_conversations(example)
     if "messages" in example:
         *conversation, last = example["messages"]
         if last.get("role") != "assistant" or not isinstance(last.get("content"), str) or last.get("tool_calls"):
@@ -87,7 +90,11 @@ def evaluation_report(
     try:
         tokenizer = engine.tokenizer(base_model)
         context = engine.context_length(base_model)
-        cases = [c for line, ex in read_jsonl(validation_path) if (c := _case(line, ex, tokenizer)) is not None]
+        cases = [
+            c
+            for line, ex in read_jsonl(validation_path, preference=None)
+            if (c := _case(line, ex, tokenizer)) is not None
+        ]
         cases = cases[:max_examples]
         if not cases:
             return None

@@ -48,6 +48,13 @@ CHECKPOINT_METRICS = (
     "valid_mean_token_accuracy",
     "full_valid_loss",
     "full_valid_mean_token_accuracy",
+    # DPO's (worker/training/dpo.py)
+    "train_reward_accuracy",
+    "valid_reward_accuracy",
+    "full_valid_reward_accuracy",
+    "reward_margin",
+    "rewards_chosen",
+    "rewards_rejected",
 )
 
 
@@ -138,6 +145,8 @@ class JobCallbacks(TrainingCallbacks):
 
 def _metrics_event(row: dict[str, Any], total_steps: int) -> tuple[str, dict[str, Any]]:
     message = f"Step {row['step']}/{total_steps}: training loss={row['train_loss']:.4f}"
+    if row.get("reward_margin") is not None:
+        message += f", reward accuracy={row['train_reward_accuracy']:.2f}, reward margin={row['reward_margin']:.4f}"
     if row.get("valid_loss") is not None:
         message += f", validation loss={row['valid_loss']:.4f}"
     data = {k: row[k] for k in CHECKPOINT_METRICS if row.get(k) is not None}
@@ -211,7 +220,9 @@ def _run_claimed(ctx: WorkerContext, claim: Claim, heartbeat: Heartbeat, work_di
         if job.parent_model:
             options, init_adapter = _continue_from(ctx, job, job.parent_model)
         # A processed training file always has its example count; 0 would fail the job as having no examples.
-        spec = resolve_spec(options, training.n_examples or 0, defaults=base.defaults, seed=job.seed)
+        spec = resolve_spec(
+            options, training.n_examples or 0, defaults=base.defaults, seed=job.seed, method=job.method["type"]
+        )
         with fenced_session(ctx.sessionmaker, claim, ctx.settings) as session:
             claimed_job(session, claim).resolved_hyperparameters = spec.to_dict()
         memory_at_start = start_memory_accounting()

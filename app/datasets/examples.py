@@ -124,6 +124,19 @@ def check_preference(example: dict, problems: list[str]) -> int:
     return chars
 
 
+def preference_conversations(example: dict) -> tuple[dict, dict]:
+    """A validated preference example as two chat examples, the preferred and the non-preferred answer each after
+    the shared conversation, with only that last answer supervised: what DPO compares is the answers alone."""
+    source = example["input"]
+    history = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in source["messages"]]
+    extra = {"tools": source["tools"]} if source.get("tools") else {}
+    preferred, non_preferred = (
+        {"messages": [*history, {**example[key][0], "weight": 1}], **extra}
+        for key in ("preferred_output", "non_preferred_output")
+    )
+    return preferred, non_preferred
+
+
 CHECKS = {"chat": check_chat, "prompt_completion": check_prompt_completion, "preference": check_preference}
 
 

@@ -8,6 +8,9 @@ Its `to_dict()` is what the job echoes as the resolved `hyperparameters`.
   (a small dataset still gets enough passes), lowered so it does not exceed 25,000; always within 1..50.
 - batch_size: the largest power of two <= n_examples / 16, within 1..`auto_max_batch_size` of the base model.
 - learning_rate_multiplier: 1, i.e. the base model's default learning rate.
+- DPO's learning rate is a tenth of the supervised one at the same multiplier: its gradients are large while the
+  chosen and rejected answers are still close (TRL's defaults differ 20-fold).
+- beta (DPO only): 0.1, the strength of the pull towards the reference model, as OpenAI and TRL default it.
 - eval_every: the steps between validation-sample evaluations, so that they cost about 5% of training (a forward
   pass over VALID_SAMPLE examples, about half a step's cost per batch_size of them, every 10 x VALID_SAMPLE examples
   trained), and at most about 20 in a job.
@@ -31,6 +34,9 @@ MAX_TARGET_EXAMPLES = 25_000
 TARGET_EPOCHS = 3
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 LONG_EXAMPLE_POLICIES = ("drop", "truncate_left")
+METHODS = ("supervised", "dpo")
+DEFAULT_BETA = 0.1
+DPO_LEARNING_RATE_SCALE = 0.1
 # Validation examples scored every `eval_every` steps (the full set is scored at every checkpoint).
 VALID_SAMPLE = 32
 MAX_SAMPLE_EVALUATIONS = 20
@@ -72,6 +78,9 @@ class TrainingSpec:
     micro_batch_tokens: int | None = None
     # {"patience": evaluations without improvement, "min_delta": the least that counts as one}, or None (off).
     early_stopping: dict[str, float] | None = None
+    # "supervised" (next-token loss on the answers) or "dpo" (preference pairs; `beta` is then set).
+    method: str = "supervised"
+    beta: float | None = None
     auto: list[str] = field(default_factory=list)  # which of the OpenAI three were "auto"
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,19 +217,30 @@ def _early_stopping(value: Any) -> dict[str, float] | None:
     return {"patience": int(patience), "min_delta": float(min_delta)}
 
 
+def _beta(hp: Mapping[str, Any]) -> float:
+    if hp.get("beta", AUTO) == AUTO:
+        return DEFAULT_BETA
+    return _number(hp, "beta", None, lo=0, hi=100, lo_open=True)
+
+
 def resolve_spec(
     hyperparameters: Mapping[str, Any] | None,
     n_train_examples: int,
     defaults: TrainingDefaults | Mapping[str, Any] | None = None,
     seed: int | None = None,
+    method: str = "supervised",
 ) -> TrainingSpec:
-    """Resolve a request's hyperparameters against a dataset size and a base model's `TrainingDefaults`.
+    """Resolve a request's hyperparameters against a dataset size and a base model's `TrainingDefaults`, for a
+    method of METHODS (`beta` is a hyperparameter of "dpo" only).
 
     Raises `InvalidRequest(param="hyperparameters.<name>")` for unknown names or out-of-range values.
     """
     hp = {_ALIASES.get(k, k): v for k, v in (hyperparameters or {}).items()}
     d = _defaults_dict(defaults)
-    known = {f for f in TrainingSpec.__dataclass_fields__ if f not in ("learning_rate", "auto")}
+    if method not in METHODS:
+        raise InvalidRequest(f"unknown method {method!r}", param="method.type", code="unsupported_method")
+    excluded = {"learning_rate", "auto", "method"} | ({"beta"} if method != "dpo" else set())
+    known = {f for f in TrainingSpec.__dataclass_fields__ if f not in excluded}
     for name in hp:
         if name not in known:
             raise _bad(name, f"unknown hyperparameter {name!r}; known: {', '.join(sorted(known))}")
@@ -264,7 +284,7 @@ def resolve_spec(
         n_epochs=n_epochs,
         batch_size=batch_size,
         learning_rate_multiplier=multiplier,
-        learning_rate=d["learning_rate"] * multiplier,
+        learning_rate=d["learning_rate"] * multiplier * (DPO_LEARNING_RATE_SCALE if method == "dpo" else 1.0),
         lora_r=_number(hp, "lora_r", d["lora_r"], kind=int, lo=1, hi=1024),
         lora_alpha=_number(hp, "lora_alpha", d["lora_alpha"], lo=0, hi=4096, lo_open=True),
         lora_dropout=_number(hp, "lora_dropout", d["lora_dropout"], lo=0, hi=0.9),
@@ -292,5 +312,7 @@ def resolve_spec(
             else _number(hp, "micro_batch_tokens", None, kind=int, lo=16, hi=10**8)
         ),
         early_stopping=_early_stopping(hp.get("early_stopping")),
+        method=method,
+        beta=_beta(hp) if method == "dpo" else None,
         auto=auto,
     )

@@ -2,6 +2,8 @@
 
 `intent_json_task`: user messages in many phrasings, each answered with the fixed JSON of its intent; the
 held-out split uses phrasings (greeting x request x ending combinations) never seen in training.
+`intent_preference_task`: the same phrasings as preference pairs: the JSON answer in capitals preferred, the plain
+one not.
 `varied_length_chat`: chat examples whose lengths vary widely, for throughput measurements.
 """
 
@@ -54,6 +56,21 @@ def intent_json_task(
             messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
         train.append({"messages": messages})
     return train, test
+
+
+def intent_preference_task(
+    n_train: int, n_test: int, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
+    """(train preference examples, held-out [(user message, preferred answer, non-preferred answer)]), the
+    phrasings split as in `intent_json_task`. A house style: the intent's JSON in capitals is preferred to the plain
+    one (as many tokens, so only the format differs)."""
+    train, test = intent_json_task(n_train, n_test, seed, system_share=0.0)
+    pairs = []
+    for example in train:
+        user, answer = example["messages"]
+        preferred = {"role": "assistant", "content": answer["content"].upper()}
+        pairs.append({"input": {"messages": [user]}, "preferred_output": [preferred], "non_preferred_output": [answer]})
+    return pairs, [(text, answer.upper(), answer) for text, answer in test]
 
 
 _WORDS = [

@@ -34,7 +34,7 @@ from app.tables import File, Job, JobCheckpoint, JobEvent
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 # Engine options a request may give, at the top level (the SDK's extra_body) or among the hyperparameters.
-ENGINE_OPTIONS = frozenset(TrainingSpec.__dataclass_fields__) - {"learning_rate", "auto", "seed"} | {
+ENGINE_OPTIONS = frozenset(TrainingSpec.__dataclass_fields__) - {"learning_rate", "auto", "seed", "method"} | {
     "r",
     "alpha",
     "dropout",
@@ -42,7 +42,7 @@ ENGINE_OPTIONS = frozenset(TrainingSpec.__dataclass_fields__) - {"learning_rate"
 # A job that continues from a fine-tuned model keeps that adapter's shape.
 LORA_SHAPE_OPTIONS = frozenset({"lora_r", "r", "lora_alpha", "alpha", "target_modules", "use_rslora"})
 # Which data formats each method trains on.
-METHOD_FORMATS = {"supervised": ("chat", "prompt_completion")}
+METHOD_FORMATS = {"supervised": ("chat", "prompt_completion"), "dpo": ("preference",)}
 
 
 def _check_training_files(
@@ -108,15 +108,18 @@ def _requested_options(request: CreateJobRequest) -> tuple[str, dict]:
     method = request.method.type if request.method else "supervised"
     if method not in METHOD_FORMATS:
         raise InvalidRequest(
-            f"The {method} method is not supported; use 'supervised'.", param="method.type", code="unsupported_method"
+            f"The {method} method is not supported; use 'supervised' or 'dpo'.",
+            param="method.type",
+            code="unsupported_method",
         )
     options = dict(request.hyperparameters or {})
-    if request.method and request.method.supervised and request.method.supervised.hyperparameters:
+    in_method = request.method and (request.method.supervised if method == "supervised" else request.method.dpo)
+    if in_method and in_method.hyperparameters:
         if request.hyperparameters:
             raise InvalidRequest(
                 "Give hyperparameters either in 'method' or at the top level, not both.", param="hyperparameters"
             )
-        options = dict(request.method.supervised.hyperparameters)
+        options = dict(in_method.hyperparameters)
     for key, value in (request.model_extra or {}).items():
         if key not in ENGINE_OPTIONS:
             raise InvalidRequest(f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
@@ -163,7 +166,7 @@ def create_job(
     training, validation = _check_training_files(session, project, request, method)
     seed = request.seed if request.seed is not None else DEFAULT_SEED
     # The same resolution the worker will do, so out-of-range values fail now rather than in the job.
-    spec = resolve_spec(options, training.n_examples or 0, seed=seed)
+    spec = resolve_spec(options, training.n_examples or 0, seed=seed, method=method)
     if spec.early_stopping and validation is None:
         raise InvalidRequest(
             "early_stopping decides on the validation loss: give a validation_file.", param="early_stopping"

@@ -85,7 +85,9 @@ def test_method_form_and_explicit_hyperparameters(client, training_file):
         ({"not_an_option": 1}, "not_an_option", "unknown_parameter"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", None),
         ({"metadata": {"k": "v" * 513}}, "metadata.k", None),
-        ({"method": {"type": "dpo"}}, "method.type", "unsupported_method"),
+        ({"method": {"type": "reinforcement"}}, "method.type", "unsupported_method"),
+        ({"method": {"type": "dpo"}}, "training_file", "invalid_file_format"),  # chat data, not preference pairs
+        ({"hyperparameters": {"beta": 0.2}}, "hyperparameters.beta", "invalid_hyperparameters"),  # DPO's only
         ({"method": {"type": "nonsense"}}, "method.type", None),
         ({"model": None}, "model", None),
         ({"early_stopping": {"patience": 2}}, "early_stopping", None),  # no validation file to decide on
@@ -117,6 +119,21 @@ def test_file_checks(client, training_file):
     assert r.status_code == 400 and r.json()["error"]["param"] == "validation_file"
     completion = upload(client, jsonl(prompt_completion_example(i) for i in range(10)))
     assert create(client, training_file=completion).status_code == 200
+
+
+def test_a_dpo_job_takes_preference_files_and_dpo_hyperparameters(client, training_file):
+    preference = upload(client, jsonl(preference_example(i) for i in range(10)))
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}
+    r = create(client, training_file=preference, method=dpo)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["method"]["type"] == "dpo" and job["method"]["dpo"]["hyperparameters"]["beta"] == 0.25
+    assert job["hyperparameters"]["n_epochs"] == 2
+    bad = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}
+    r = create(client, training_file=preference, method=bad)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "hyperparameters.beta"
+    r = create(client, training_file=preference, validation_file=training_file, method={"type": "dpo"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "validation_file"
 
 
 def test_a_conversation_the_base_models_template_refuses_is_a_400_naming_the_line_and_role(client):

@@ -195,7 +195,7 @@ def test_truncation_policy_keeps_examples_and_reports_the_count(tiny, files, tmp
     assert result.adapter_dir is not None
 
 
-def test_preference_data_is_refused_clearly(tiny, tmp_path):
+def test_preference_data_trains_only_under_dpo(tiny, tmp_path):
     dpo = {
         "input": {"messages": [{"role": "user", "content": "hi"}]},
         "preferred_output": [{"role": "assistant", "content": "hello"}],
@@ -204,7 +204,7 @@ def test_preference_data_is_refused_clearly(tiny, tmp_path):
     path = write_jsonl(tmp_path / "dpo.jsonl", [dpo] * 10)
     with pytest.raises(InvalidRequest) as info:
         train(small_spec(tiny), path, None, tiny, tmp_path)
-    assert info.value.param == "training_file" and info.value.code == "unsupported_format"
+    assert info.value.param == "training_file" and info.value.code == "invalid_file_format"
 
 
 def test_nan_loss_is_a_training_error(tiny, files):

@@ -17,7 +17,8 @@ class TrainingCallbacks:
     - `on_metrics(row)`: a metrics row (keys `step`, `train_loss`, `train_mean_token_accuracy`, `grad_norm` (before
       clipping; a diagnostic the job's events leave out), and with a
       validation set `valid_loss`, `valid_mean_token_accuracy`; the last row also `full_valid_loss`,
-      `full_valid_mean_token_accuracy`).
+      `full_valid_mean_token_accuracy`). A DPO run's rows say `reward_accuracy` for `mean_token_accuracy` and add
+      `reward_margin`, `rewards_chosen` and `rewards_rejected`.
     - `on_checkpoint(step, checkpoint_dir, metrics)`: a complete, resumable checkpoint was written (atomically).
     - `should_stop()`: polled before every optimizer step; "cancel" returns without output, "pause" writes a
       checkpoint first and returns.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from app.errors import InvalidRequest
 from app.ml.chat import IGNORE_INDEX, ChatTemplateError, render_training_example
@@ -17,6 +17,8 @@ from worker.training.errors import TrainingError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from worker.training.preference import PreferencePair
 
 
 @dataclass
@@ -30,11 +32,15 @@ class TokenizedExample:
         return len(self.input_ids)
 
 
-@dataclass
-class TokenizedDataset:
-    """Examples that will be trained on, and the counts of those that will not (never silently)."""
+E = TypeVar("E", bound="TokenizedExample | PreferencePair")
 
-    examples: list[TokenizedExample] = field(default_factory=list)
+
+@dataclass
+class TokenizedDataset(Generic[E]):
+    """Examples (or preference pairs) that will be trained on, and the counts of those that will not (never
+    silently)."""
+
+    examples: list[E] = field(default_factory=list)
     n_read: int = 0
     n_dropped_too_long: int = 0
     n_truncated: int = 0
@@ -48,6 +54,17 @@ class TokenizedDataset:
     def n_supervised(self) -> int:
         return sum(e.n_supervised for e in self.examples)
 
+    def count(self, *outcomes: Tokenized) -> bool:
+        """Count what became of one item's examples (one, or a pair's two); whether all of them are usable. An item
+        is dropped for the first reason any of its examples has."""
+        self.n_truncated += any(o.truncated for o in outcomes)
+        dropped = next((o.dropped for o in outcomes if o.dropped), None)
+        if dropped == "too_long":
+            self.n_dropped_too_long += 1
+        elif dropped == "no_supervised":
+            self.n_dropped_no_supervised += 1
+        return dropped is None
+
     def counts(self) -> dict[str, int]:
         return {
             "n_examples_read": self.n_read,
@@ -58,21 +75,29 @@ class TokenizedDataset:
         }
 
 
-def read_jsonl(path: Path, *, param: str = "training_file") -> list[tuple[int, dict[str, Any]]]:
-    """Read an already validated JSONL file: (line number, example) pairs, blank lines skipped; preference (DPO)
-    data is refused for now."""
+def read_jsonl(
+    path: Path, *, param: str = "training_file", preference: bool | None = False
+) -> list[tuple[int, dict[str, Any]]]:
+    """Read an already validated JSONL file: (line number, example) pairs, blank lines skipped. Its examples must
+    be preference pairs when `preference` (DPO), chat or prompt/completion examples when False, either when None."""
     examples: list[tuple[int, dict[str, Any]]] = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 examples.append((number, json.loads(line)))
-    if examples and "preferred_output" in examples[0][1]:
-        raise InvalidRequest(
-            "preference (DPO) data is not supported yet; use chat or prompt/completion examples",
-            param=param,
-            code="unsupported_format",
-        )
+    if preference is not None and examples and ("preferred_output" in examples[0][1]) != preference:
+        wanted = "preference examples (method dpo)" if preference else "chat or prompt/completion examples"
+        raise InvalidRequest(f"this method trains on {wanted}", param=param, code="invalid_file_format")
     return examples
+
+
+@dataclass
+class Tokenized:
+    """What became of one example: the example, or the reason it is dropped; and whether it was truncated."""
+
+    example: TokenizedExample | None
+    dropped: str | None  # "too_long" | "no_supervised"
+    truncated: bool = False
 
 
 def shift_labels(input_ids: list[int], labels: list[int], line: int = 0) -> TokenizedExample:
@@ -96,33 +121,42 @@ def tokenize_examples(
     max_seq_length: int,
     policy: str = "drop",
     lines: list[int] | None = None,
-) -> TokenizedDataset:
+) -> TokenizedDataset[TokenizedExample]:
     """Render every example; apply `policy` ("drop" or "truncate_left") to examples over `max_seq_length`;
     drop (and count) examples left with no supervised token. `lines` are the examples' line numbers in their
     file, kept on each example."""
-    out = TokenizedDataset(n_read=len(raw))
+    out: TokenizedDataset[TokenizedExample] = TokenizedDataset(n_read=len(raw))
     for line, example in zip(lines or [0] * len(raw), raw, strict=True):
-        try:
-            input_ids, labels = render_training_example(example, tokenizer)
-        except ChatTemplateError as exc:
-            raise TrainingError("invalid_chat_template", str(exc)) from None
-        if len(input_ids) > max_seq_length:
-            if policy != "truncate_left":
-                out.n_dropped_too_long += 1
-                continue
-            input_ids, labels = _truncate_left(input_ids, labels, max_seq_length, tokenizer.bos_token_id)
-            out.n_truncated += 1
-        tokenized = shift_labels(input_ids, labels, line)
-        if tokenized.n_supervised == 0:
-            out.n_dropped_no_supervised += 1
-            continue
-        out.examples.append(tokenized)
+        tokenized = tokenize_example(example, tokenizer, max_seq_length, policy, line)
+        if out.count(tokenized) and tokenized.example is not None:
+            out.examples.append(tokenized.example)
     return out
+
+
+def tokenize_example(
+    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_seq_length: int, policy: str, line: int
+) -> Tokenized:
+    """One example rendered and shifted (`truncated` says whether `policy` cut it to fit), or why it is not
+    used: "too_long" or "no_supervised"."""
+    try:
+        input_ids, labels = render_training_example(example, tokenizer)
+    except ChatTemplateError as exc:
+        raise TrainingError("invalid_chat_template", str(exc)) from None
+    truncated = False
+    if len(input_ids) > max_seq_length:
+        if policy != "truncate_left":
+            return Tokenized(None, "too_long")
+        input_ids, labels = _truncate_left(input_ids, labels, max_seq_length, tokenizer.bos_token_id)
+        truncated = True
+    tokenized = shift_labels(input_ids, labels, line)
+    if tokenized.n_supervised == 0:
+        return Tokenized(None, "no_supervised", truncated)
+    return Tokenized(tokenized, None, truncated)
 
 
 def load_dataset(
     path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, policy: str, *, param: str
-) -> TokenizedDataset:
+) -> TokenizedDataset[TokenizedExample]:
     numbered = read_jsonl(path, param=param)
     lines, raw = [n for n, _ in numbered], [example for _, example in numbered]
     return tokenize_examples(raw, tokenizer, max_seq_length, policy, lines)

@@ -2,8 +2,9 @@
 
 The loop asks its group for everything that differs between the two, so it has one code path:
 - `share(batch)`: the examples of a step this process trains on (all of them, or a token-balanced slice);
-- `wrap(model)`: the module whose forward gives a micro-batch's loss sums (under DDP, which all-reduces the LoRA
-  gradients on the last micro-batch of a step; `no_sync` skips that on the others);
+- `wrap(model, forward)`: the module whose forward gives a micro-batch's loss sums, or DPO's sequence log-probs
+  (under DDP, which all-reduces the LoRA gradients on the last micro-batch of a step; `no_sync` skips that on the
+  others);
 - `agree(stop)`: rank 0's stop request, so every rank stops at the same step;
 - `sum(values)`: figures summed over the ranks (loss, accuracy and token counts of a step, validation sums);
 - `is_main`: whether this process writes (checkpoints, the adapter; its callbacks write events and hold the lease).
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Sized
 from datetime import timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,10 +30,8 @@ from worker.training.callbacks import StopRequest
 from worker.training.loss import loss_sums
 from worker.training.packing import MicroBatch
 
-if TYPE_CHECKING:
-    from worker.training.data import TokenizedExample
-
 T = TypeVar("T")
+E = TypeVar("E", bound=Sized)  # a training example or preference pair: its length is its token count
 
 # How long a rank waits in a collective for the others. A rank that dies closes its connections, and the others'
 # collectives fail at once; this bounds only a rank that hangs (rank 0 uploads checkpoints while the others wait).
@@ -40,14 +40,16 @@ _STOP_CODES: list[StopRequest] = [None, "cancel", "pause"]
 
 
 class StepLoss(torch.nn.Module):
-    """`loss_sums` as a module's forward, so that DDP sees the forward it must prepare the backward for."""
+    """A training objective's forward (`loss_sums`, or DPO's `sequence_logps`: `forward(model, batch, ...)`) as a
+    module's, so that DDP sees the forward it must prepare the backward for."""
 
-    def __init__(self, model: PeftModel):
+    def __init__(self, model: PeftModel, forward: Callable[..., Any] = loss_sums):
         super().__init__()
         self.model = model
+        self._forward = forward
 
-    def forward(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return loss_sums(self.model, batch)
+    def forward(self, batch: MicroBatch, *args: Any) -> Any:
+        return self._forward(self.model, batch, *args)
 
 
 class DeviceGroup:
@@ -63,15 +65,15 @@ class DeviceGroup:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def share(self, batch: list[TokenizedExample]) -> list[TokenizedExample]:
+    def share(self, batch: list[E]) -> list[E]:
         return batch
 
     def shard(self, examples: list[T]) -> list[T]:
         """An even slice of `examples` (for evaluation, where order does not matter)."""
         return examples
 
-    def wrap(self, model: PeftModel) -> torch.nn.Module:
-        return StepLoss(model)
+    def wrap(self, model: PeftModel, forward: Callable[..., Any] = loss_sums) -> torch.nn.Module:
+        return StepLoss(model, forward)
 
     def no_sync(self, module: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
@@ -120,14 +122,14 @@ class DistributedGroup(DeviceGroup):
         if self.device.type == "cuda" and dist.is_initialized():
             dist.distributed_c10d._abort_process_group()
 
-    def share(self, batch: list[TokenizedExample]) -> list[TokenizedExample]:
+    def share(self, batch: list[E]) -> list[E]:
         return [batch[i] for i in balanced_shares([len(e) for e in batch], self.size)[self.rank]]
 
     def shard(self, examples: list[T]) -> list[T]:
         return examples[self.rank :: self.size]
 
-    def wrap(self, model: PeftModel) -> torch.nn.Module:
-        module = StepLoss(model)
+    def wrap(self, model: PeftModel, forward: Callable[..., Any] = loss_sums) -> torch.nn.Module:
+        module = StepLoss(model, forward)
         # Only the LoRA weights train. The frozen base is loaded identically by every rank, so DDP neither
         # broadcasts it at start (gigabytes on a real model) nor buckets it; its buffers are never written.
         frozen = [f"model.{name}" for name, p in model.named_parameters() if not p.requires_grad]

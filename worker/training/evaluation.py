@@ -29,7 +29,7 @@ def autocast(device: torch.device) -> torch.autocast:
 
 
 @contextlib.contextmanager
-def _scoring(model: PeftModel, device: torch.device):  # type: ignore[no-untyped-def]
+def scoring(model: PeftModel, device: torch.device):  # type: ignore[no-untyped-def]
     was_training = model.training
     model.eval()
     try:
@@ -50,7 +50,7 @@ def evaluate(
     """Mean loss and token accuracy over supervised tokens of `examples` (packed, no gradients; each rank of a
     group scores its slice)."""
     loss_total, correct_total, n_total = 0.0, 0, 0
-    with _scoring(model, group.device):
+    with scoring(model, group.device):
         for mb in step_micro_batches(
             group.shard(examples),
             packing=True,
@@ -95,7 +95,7 @@ def score_examples(
     bins = best_fit_decreasing([len(e) for e in examples], max_seq_length)
     widths = [sum(len(examples[i]) for i in b) for b in bins]
     scores: list[ExampleScore] = []
-    with _scoring(model, device):
+    with scoring(model, device):
         for group in group_rows(widths, None, micro_batch_tokens):
             rows = [bins[i] for i in group]
             batch = collate_packed([[examples[i] for i in row] for row in rows], pad_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,14 @@ from worker.training.checkpoint import (
     save_checkpoint,
     write_atomically,
 )
-from worker.training.data import TokenizedDataset, TokenizedExample, load_dataset
+from worker.training.data import TokenizedDataset
 from worker.training.devices import DeviceGroup
+from worker.training.dpo import PairScore
 from worker.training.early_stopping import EarlyStopping
 from worker.training.errors import TrainingError
-from worker.training.evaluation import ExampleScore, evaluate, score_examples
+from worker.training.evaluation import ExampleScore
+from worker.training.objective import objective_for
 from worker.training.packing import plan_epoch
-from worker.training.step import micro_batch_tokens, optimizer_step
 
 # OpenAI's columns (train_accuracy included), then the metric events' own names for the same figures and more.
 RESULT_CSV_COLUMNS = (
@@ -53,6 +54,20 @@ RESULT_CSV_COLUMNS = (
     "train_mean_token_accuracy",
     "full_valid_loss",
     "full_valid_mean_token_accuracy",
+)
+# DPO's: its loss, the share of pairs preferred, and the rewards (worker/training/dpo.py).
+DPO_CSV_COLUMNS = (
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "valid_loss",
+    "valid_reward_accuracy",
+    "train_reward_accuracy",
+    "full_valid_loss",
+    "full_valid_reward_accuracy",
+    "reward_margin",
+    "rewards_chosen",
+    "rewards_rejected",
 )
 
 
@@ -75,7 +90,7 @@ class TrainingResult:
     checkpoints: list[tuple[int, Path]] = field(default_factory=list)
     last_checkpoint: Path | None = None
     full_valid_loss: float | None = None
-    full_valid_mean_token_accuracy: float | None = None
+    full_valid_accuracy: float | None = None  # token accuracy (DPO: reward accuracy)
     # This run alone (a resumed run leaves out what its checkpoint had): tokens trained, and the wall seconds its
     # optimizer steps took (evaluation and checkpoints excluded; on CUDA the last step is waited for).
     run_tokens: int = 0
@@ -83,14 +98,15 @@ class TrainingResult:
     # With early stopping: what it decided, in a sentence, and the step whose weights are the adapter.
     early_stopping: str | None = None
     best_step: int | None = None
-    # Every training example scored by the final adapter, worst first (main rank only).
-    example_scores: list[ExampleScore] = field(default_factory=list)
+    # Every training example (DPO: pair) scored by the final adapter, worst first (main rank only).
+    example_scores: Sequence[ExampleScore | PairScore] = field(default_factory=list)
 
     def metrics_csv(self) -> str:
-        """The result file: one row per metrics row, RESULT_CSV_COLUMNS."""
-        lines = [",".join(RESULT_CSV_COLUMNS)]
+        """The result file: one row per metrics row, RESULT_CSV_COLUMNS (DPO_CSV_COLUMNS for a DPO job)."""
+        columns = DPO_CSV_COLUMNS if self.spec.get("method") == "dpo" else RESULT_CSV_COLUMNS
+        lines = [",".join(columns)]
         for row in self.metrics_rows:
-            lines.append(",".join("" if row.get(c) is None else f"{row[c]:.6g}" for c in RESULT_CSV_COLUMNS))
+            lines.append(",".join("" if row.get(c) is None else f"{row[c]:.6g}" for c in columns))
         return "\n".join(lines) + "\n"
 
 
@@ -209,16 +225,14 @@ def train(
     device, dtype = group.device, weight_dtype(group.device)
     tokenizer = load_tokenizer(name_or_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    objective = objective_for(spec, tokenizer, group, pad_id)
+    accuracy = objective.accuracy_name
 
-    train_data = load_dataset(
-        train_path, tokenizer, spec.max_seq_length, spec.long_example_policy, param="training_file"
-    )
+    train_data: TokenizedDataset[Any] = objective.load(train_path, "training_file")
     _require_examples(train_data, spec)
-    valid_examples: list[TokenizedExample] = []
+    valid_examples: list[Any] = []
     if validation_path is not None:
-        valid_examples = load_dataset(
-            validation_path, tokenizer, spec.max_seq_length, spec.long_example_policy, param="validation_file"
-        ).examples
+        valid_examples = objective.load(validation_path, "validation_file").examples
 
     _seed_everything(spec.seed)
     model = build_lora_model(load_base_model(name_or_path, device, dtype), spec)
@@ -244,6 +258,8 @@ def train(
             raise TrainingError("checkpoint_mismatch", "the checkpoint was written for a different spec or dataset")
         start_step = state["step"]
         rows, trained_tokens, supervised_tokens = state["rows"], state["trained_tokens"], state["supervised_tokens"]
+    saved = state.get("objective")
+    objective.prepare(model, train_data.examples + valid_examples, saved, from_adapter=init_adapter is not None)
     if group.rank:
         # Rank 0 draws LoRA dropout from the seed (or the checkpoint's RNG state); the others draw their own.
         torch.manual_seed(int(np.random.SeedSequence([spec.seed, group.rank, start_step]).generate_state(1)[0]))
@@ -252,8 +268,7 @@ def train(
         early = EarlyStopping(int(spec.early_stopping["patience"]), spec.early_stopping["min_delta"])
         if state.get("early_stopping") is not None:
             early.load_state_dict(state["early_stopping"])
-    eval_tokens = micro_batch_tokens(spec, device)
-    step_loss = group.wrap(model)
+    step_loss = objective.wrap(model)
     resumed_tokens, train_seconds = trained_tokens, 0.0
 
     def result(
@@ -276,7 +291,7 @@ def train(
             checkpoints=checkpoints,
             last_checkpoint=last_ckpt or (checkpoints[-1][1] if checkpoints else None),
             full_valid_loss=final.get("full_valid_loss"),
-            full_valid_mean_token_accuracy=final.get("full_valid_mean_token_accuracy"),
+            full_valid_accuracy=final.get(f"full_valid_{accuracy}"),
             run_tokens=trained_tokens - resumed_tokens,
             train_seconds=train_seconds,
         )
@@ -291,6 +306,7 @@ def train(
             "spec": spec.to_dict(),
             "n_examples": n_examples,
             "early_stopping": early.state_dict() if early is not None else None,
+            "objective": objective.state(train_data.examples + valid_examples),
         }
         path = save_checkpoint(output_dir / "checkpoints", step, model, optimizer, scheduler, progress)
         checkpoints.append((step, path))
@@ -325,7 +341,7 @@ def train(
         step_no = step + 1
         is_last = step_no == total_steps
         step_started = time.perf_counter()
-        figures = optimizer_step(step_loss, group, optimizer, scheduler, trainable, batch, spec, pad_id)
+        figures = objective.step(step_loss, optimizer, scheduler, trainable, batch)
         if is_last and device.type == "cuda":
             torch.cuda.synchronize(device)  # each step waits for the one before it; the last is waited for here
         train_seconds += time.perf_counter() - step_started
@@ -335,23 +351,25 @@ def train(
         row: dict[str, Any] = {
             "step": step_no,
             "train_loss": figures.loss,
-            "train_mean_token_accuracy": figures.accuracy,
+            f"train_{accuracy}": figures.accuracy,
             "train_accuracy": figures.accuracy,
             "grad_norm": figures.grad_norm,
+            **figures.extra,
+            "valid_loss": None,
+            f"valid_{accuracy}": None,
         }
-        row.update(valid_loss=None, valid_mean_token_accuracy=None)
         improved = False
         # The whole validation set at every checkpoint, at the end, and (early stopping decides on it) at every
         # evaluation; a sample of it at the other evaluations.
         evaluating = step_no % spec.eval_every == 0
         if valid_examples and (is_last or step_no in checkpoint_steps or (early and evaluating)):
-            full_loss, full_acc = evaluate(model, valid_examples, spec, pad_id, group, eval_tokens)
-            row.update(valid_loss=full_loss, valid_mean_token_accuracy=full_acc)
-            row.update(full_valid_loss=full_loss, full_valid_mean_token_accuracy=full_acc)
+            full_loss, full_acc = objective.evaluate(model, valid_examples)
+            row.update({"valid_loss": full_loss, f"valid_{accuracy}": full_acc})
+            row.update({"full_valid_loss": full_loss, f"full_valid_{accuracy}": full_acc})
             improved = early is not None and early.observe(step_no, full_loss, model)
         elif valid_examples and evaluating:
-            v_loss, v_acc = evaluate(model, valid_examples[:VALID_SAMPLE], spec, pad_id, group, eval_tokens)
-            row.update(valid_loss=v_loss, valid_mean_token_accuracy=v_acc)
+            v_loss, v_acc = objective.evaluate(model, valid_examples[:VALID_SAMPLE])
+            row.update({"valid_loss": v_loss, f"valid_{accuracy}": v_acc})
         stopping = early is not None and early.should_stop
         if step_no % spec.metrics_every == 0 or is_last or stopping or row["valid_loss"] is not None:
             rows.append(row)
@@ -373,10 +391,8 @@ def train(
     if early is not None:
         finished.early_stopping, finished.best_step = early.reason(last_step), early.best_step
         finished.full_valid_loss = early.best_loss
-        finished.full_valid_mean_token_accuracy = _row_at(rows, early.best_step).get("full_valid_mean_token_accuracy")
-    finished.example_scores = score_examples(
-        model, train_data.examples, spec.max_seq_length, pad_id, device, eval_tokens
-    )
+        finished.full_valid_accuracy = _row_at(rows, early.best_step).get(f"full_valid_{accuracy}")
+    finished.example_scores = objective.score(model, train_data.examples)
     return finished
 
 

@@ -122,3 +122,32 @@ def token_losses(
         loss_grid[selected] = torch.cat(losses)
         correct_grid[selected] = torch.cat(correct)
     return loss_grid, correct_grid
+
+
+def _token_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+
+
+def sequence_logps(
+    model: PeftModel | PreTrainedModel,
+    batch: MicroBatch,
+    sequence_ids: torch.Tensor,
+    n_sequences: int,
+    *,
+    chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """[n_sequences]: each sequence's summed log-probability of its supervised targets (DPO's log p(answer |
+    prompt)), where `sequence_ids` [rows, T] says which sequence each position belongs to. Differentiable; the
+    LM head runs on supervised positions only, chunked as in `loss_sums`."""
+    hidden, targets, selected, lm_head = _supervised_hidden(model, batch)
+    owners = sequence_ids.to(hidden.device)[selected]
+    chunk = max(1, chunk_elements // lm_head.weight.shape[0])
+    parts = []
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled() and hidden.shape[0] > chunk:
+            parts.append(checkpoint(_token_logps, lm_head, h, t, use_reentrant=False))
+        else:
+            parts.append(_token_logps(lm_head, h, t))
+    sums = hidden.new_zeros(n_sequences, dtype=torch.float32)
+    return sums.index_add(0, owners, torch.cat(parts)) if parts else sums

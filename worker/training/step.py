@@ -1,12 +1,13 @@
 """One optimizer step of supervised training: the step's examples split into micro-batches (packed rows, or padded
 examples), gradients accumulated over them and normalised by the step's supervised-token count, then clipped and
-applied. The loop (worker/training/loop.py) calls it once per step."""
+applied (`apply_update`, which DPO's step shares: worker/training/dpo.py). The loop (worker/training/loop.py)
+calls one of them once per step."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,11 +36,29 @@ def micro_batch_tokens(spec: TrainingSpec, device: torch.device) -> int:
 class StepFigures:
     """One optimizer step, over all ranks."""
 
-    loss: float  # mean over the step's supervised tokens
-    accuracy: float  # of the argmax prediction, over the same tokens
+    loss: float  # mean over the step's supervised tokens (DPO: over its pairs)
+    accuracy: float  # of the argmax prediction, over the same tokens (DPO: the share of pairs preferred)
     grad_norm: float  # of the LoRA gradients, before clipping
     n_tokens: int
     n_supervised: int
+    extra: dict[str, float] = field(default_factory=dict)  # the objective's own figures, by metric name
+
+
+def apply_update(
+    mean_loss: float,
+    trainable: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_grad_norm: float,
+) -> float:
+    """Refuse a non-finite loss, then clip, step and clear the accumulated gradients; the norm before clipping."""
+    if not math.isfinite(mean_loss):
+        raise TrainingError("nan_loss", "the training loss became NaN or infinite; lower the learning rate")
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm).item()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def accumulate_gradients(
@@ -99,10 +118,5 @@ def optimizer_step(
     n_tokens = weight * sum(mb.n_tokens for mb in micro_batches)
     loss_sum, correct_sum, tokens_sum = group.sum([loss_total, correct_total, n_tokens])
     mean_loss = loss_sum / n_supervised
-    if not math.isfinite(mean_loss):
-        raise TrainingError("nan_loss", "the training loss became NaN or infinite; lower the learning rate")
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm).item()
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = apply_update(mean_loss, trainable, optimizer, scheduler, spec.max_grad_norm)
     return StepFigures(mean_loss, correct_sum / n_supervised, grad_norm, int(tokens_sum), n_supervised)
