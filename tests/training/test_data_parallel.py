@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from app.jobs.spec import resolve_spec
-from app.ml.synthetic import intent_json_task
+from app.ml.synthetic import intent_json_task, intent_preference_task
 from tests.training.conftest import write_jsonl
 from worker.training.callbacks import TrainingCallbacks
 from worker.training.devices import balanced_shares
@@ -167,3 +167,23 @@ def test_shares_are_disjoint_complete_deterministic_and_balanced():
     totals = [sum(lengths[i] for i in share) for share in shares]
     assert max(totals) - min(totals) <= max(lengths) // 5
     assert balanced_shares([7], 3) == [[0], [], []]
+
+
+def test_dpo_on_two_ranks_trains_the_adapter_of_one_device(tiny, tmp_path):
+    """Pairs are dealt to ranks whole; the reference log-probabilities each rank scores for its slice are summed
+    into every rank's; the step's mean loss over pairs is the same however they are split."""
+    pairs, _ = intent_preference_task(N_TRAIN, 0, seed=5)  # the last step's one pair leaves a rank without
+    train_path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    hp = {"n_epochs": 1, "batch_size": 8, "lora_dropout": 0.0, "n_checkpoints": 1}
+    spec = resolve_spec(hp, N_TRAIN, tiny.defaults, seed=9, method="dpo")
+    results = [train_on_devices(n, spec, train_path, None, tiny, tmp_path / f"dpo-{n}", Recorder()) for n in (1, 2)]
+    one, two = results
+    assert two.n_steps == one.n_steps == 3
+    for a, b in zip(two.metrics_rows, one.metrics_rows, strict=True):
+        for key, value in b.items():
+            if value is not None:
+                assert a[key] == pytest.approx(value, rel=LOSS_RTOL, abs=1e-6), (a["step"], key)
+    first, second = weights(one.adapter_dir), weights(two.adapter_dir)
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], atol=WEIGHT_ATOL, rtol=0)
+    assert helper_pids() == []
