@@ -16,9 +16,14 @@ only by what the model and its template do. A template that refuses a system rol
 validation file (a fifth of the training size) at the default `eval_every` and checkpoints (the sample every
 `eval_every` steps, the whole set at each of the 3 checkpoints), and the per-example report after training.
 
-Usage: .venv/bin/python benchmarks/bench_train.py [--examples 96] [--family qwen2] [--validation]
+`--dpo` measures DPO instead: useful tokens/s (the chosen and rejected answers' tokens / wall time) of the engine
+vs TRL's DPOTrainer on the same preference pairs (each example's answer preferred to another example's), 8 pairs
+per step, both timed from loading the model to the end of training, so the reference pass is included in each
+(TRL with its `precompute_ref_log_probs`, the engine's design too).
+
+Usage: .venv/bin/python benchmarks/bench_train.py [--examples 96] [--family qwen2] [--validation | --dpo]
 The last line is `useful_tps_ratio_vs_naive=... useful_tps_ratio_vs_trl=... peak_mem_ratio_vs_naive=...`, or with
-`--validation` `validation_overhead=... example_report_share=...`.
+`--validation` `validation_overhead=... example_report_share=...`, or with `--dpo` `dpo_useful_tps_ratio_vs_trl=...`.
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ def render_len(example, tokenizer):
     return render_training_example(example, tokenizer)[0]
 
 
-def spec_for(n_examples: int, **overrides):
+def spec_for(n_examples: int, method: str = "supervised", **overrides):
     hp = {
         "n_epochs": 1,
         "batch_size": BATCH_EXAMPLES,
@@ -115,7 +120,7 @@ def spec_for(n_examples: int, **overrides):
         "warmup_ratio": 0.0,
         **overrides,
     }
-    return resolve_spec(hp, n_examples, TINY_DEFAULTS, seed=SEED)
+    return resolve_spec(hp, n_examples, TINY_DEFAULTS, seed=SEED, method=method)
 
 
 class Timer(TrainingCallbacks):
@@ -183,6 +188,90 @@ def validation_main(tmp: Path, model_dir: Path, tokenizer, n: int, repeats: int)
         print(f"{name} validation: loop {loop:7.2f} s, after the loop (adapter + example report) {after:6.2f} s")
     overhead = best["with"][0] / best["without"][0] - 1
     print(f"validation_overhead={overhead:.3f} example_report_share={best['with'][1] / best['with'][0]:.3f}")
+
+
+def preference_pairs(examples: list[dict], seed: int) -> list[dict]:
+    """Each example's conversation with its own answer preferred to the next example's (after a seeded shuffle)."""
+    others = examples[:]
+    random.Random(seed).shuffle(others)
+    return [
+        {
+            "input": {"messages": e["messages"][:-1]},
+            "preferred_output": e["messages"][-1:],
+            "non_preferred_output": [{"role": "assistant", "content": o["messages"][-1]["content"]}],
+        }
+        for e, o in zip(examples, others[1:] + others[:1], strict=True)
+    ]
+
+
+def run_engine_dpo(model_dir: Path, train_file: Path, n: int, out_dir: Path) -> float:
+    from worker.training.loop import train
+
+    start = time.perf_counter()
+    train(spec_for(n, method="dpo", beta=0.1), train_file, None, str(model_dir), out_dir)
+    return time.perf_counter() - start
+
+
+def run_trl_dpo(model_dir: Path, pairs: list[dict], out_dir: Path) -> float:
+    from datasets import Dataset, disable_progress_bars
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    disable_progress_bars()
+
+    spec = spec_for(len(pairs), method="dpo")
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa")
+    rows = [
+        {"prompt": p["input"]["messages"], "chosen": p["preferred_output"], "rejected": p["non_preferred_output"]}
+        for p in pairs
+    ]
+    config = DPOConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=BATCH_EXAMPLES,
+        num_train_epochs=1,
+        learning_rate=spec.learning_rate,
+        beta=0.1,
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        max_length=MAX_SEQ_LENGTH,
+        precompute_ref_log_probs=True,
+        seed=SEED,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=False,  # as for SFTTrainer: DPOConfig's GPU defaults cost time on a CPU, and the engine uses neither
+        gradient_checkpointing=False,
+    )
+    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+    trainer = DPOTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora
+    )
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def dpo_main(tmp: Path, model_dir: Path, tokenizer, n: int, repeats: int) -> None:
+    from worker.training.preference import load_preference_dataset
+
+    pairs = preference_pairs(make_dataset(tokenizer, n, seed=SEED), seed=SEED)
+    train_file = tmp / "pairs.jsonl"
+    write_jsonl(train_file, pairs)
+    data = load_preference_dataset(train_file, tokenizer, MAX_SEQ_LENGTH, "drop", param="training_file")
+    useful = data.n_supervised
+    print(f"{len(data.examples)} pairs, {data.n_tokens} tokens, {useful} answer tokens; {BATCH_EXAMPLES} pairs a step")
+    best = {"engine": float("inf"), "trl DPOTrainer": float("inf")}
+    for _ in range(repeats):  # interleaved, best of each
+        best["engine"] = min(best["engine"], run_engine_dpo(model_dir, train_file, n, tmp / "engine"))
+        best["trl DPOTrainer"] = min(best["trl DPOTrainer"], run_trl_dpo(model_dir, pairs, tmp / "trl"))
+    for name, seconds in best.items():
+        print(f"{name:16s} {seconds:7.2f} s  {useful / seconds:6.0f} useful tokens/s")
+    print(f"dpo_useful_tps_ratio_vs_trl={best['trl DPOTrainer'] / best['engine']:.2f}")
 
 
 def naive_batches(tokenizer, examples: list[dict], pad_id: int):
@@ -336,6 +425,7 @@ def main() -> None:
     parser.add_argument("--same-text", action="store_true", help="with --family: do not match tiny's token lengths")
     parser.add_argument("--memory-child", nargs=3, metavar=("VARIANT", "MODEL_DIR", "DATA"))
     parser.add_argument("--validation", action="store_true", help="the cost of validation metrics and reports")
+    parser.add_argument("--dpo", action="store_true", help="DPO throughput against TRL's DPOTrainer")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.memory_child:
@@ -355,6 +445,9 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         if args.validation:
             validation_main(tmp, model_dir, tokenizer, args.examples, args.repeats)
+            return
+        if args.dpo:
+            dpo_main(tmp, model_dir, tokenizer, args.examples, args.repeats)
             return
         examples = make_dataset(
             tokenizer, args.examples, seed=SEED, match_tiny_lengths=bool(family) and not args.same_text
