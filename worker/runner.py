@@ -19,7 +19,7 @@ from app import ids
 from app.db import session_scope
 from app.jobs import transitions
 from app.jobs.checkpoints import latest_checkpoint
-from app.jobs.events import add_event
+from app.jobs.events import METRIC_NAMES, add_event
 from app.jobs.reconcile import give_up, out_of_attempts, pause_if_asked
 from app.jobs.spec import resolve_spec
 from app.jobs.status import TERMINAL
@@ -40,22 +40,7 @@ from worker.training.ranks import RankLost, train_on_devices
 
 log = logging.getLogger("tuneserve.runner")
 
-CHECKPOINT_METRICS = (
-    "step",
-    "train_loss",
-    "train_mean_token_accuracy",
-    "valid_loss",
-    "valid_mean_token_accuracy",
-    "full_valid_loss",
-    "full_valid_mean_token_accuracy",
-    # DPO's (worker/training/dpo.py)
-    "train_reward_accuracy",
-    "valid_reward_accuracy",
-    "full_valid_reward_accuracy",
-    "reward_margin",
-    "rewards_chosen",
-    "rewards_rejected",
-)
+CHECKPOINT_METRICS = ("step", *METRIC_NAMES)
 
 
 class JobCallbacks(TrainingCallbacks):

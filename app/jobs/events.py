@@ -9,6 +9,24 @@ from sqlalchemy.orm import Session
 from app import ids
 from app.tables import EventLevel, EventType, JobEvent
 
+# What a metrics event's `data` and a checkpoint's `metrics` may hold (over supervised tokens; DPO's over pairs),
+# besides `step` (and `total_steps` in events). GET .../metrics serves them as columns.
+METRIC_NAMES = (
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+    # DPO's (worker/training/dpo.py)
+    "train_reward_accuracy",
+    "valid_reward_accuracy",
+    "full_valid_reward_accuracy",
+    "reward_margin",
+    "rewards_chosen",
+    "rewards_rejected",
+)
+
 
 def add_event(
     session: Session,

@@ -111,6 +111,15 @@ class JobList(ListPage[FineTuningJob]):
     pass
 
 
+class JobMetrics(BaseModel):
+    """An extra of this service: a job's metric events as columns (`step`, `train_loss`, ...), for charts."""
+
+    object: Literal["fine_tuning.job.metrics"] = "fine_tuning.job.metrics"
+    data: dict[str, list[float | None]]
+    last_id: str | None  # pass as `after` to get only what came since
+    has_more: bool
+
+
 class JobEventObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"

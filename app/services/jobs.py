@@ -18,7 +18,7 @@ from app.datasets.report import MIN_EXAMPLES
 from app.errors import InvalidRequest, NotFound
 from app.jobs import transitions
 from app.jobs.broker import JobDispatcher
-from app.jobs.events import add_event
+from app.jobs.events import METRIC_NAMES, add_event
 from app.jobs.spec import DEFAULT_SEED, TrainingSpec, resolve_spec
 from app.jobs.status import JobStatus
 from app.ml.registry import BaseModelRegistry
@@ -236,6 +236,33 @@ def list_events(session: Session, project: CurrentProject, job_id: str, *, after
             raise NotFound(f"No event {after} in job {job_id}.", param="after")
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     return keyset_page(session, query, JobEvent.seq, after=after_seq, limit=limit)
+
+
+def job_metrics(
+    session: Session, project: CurrentProject, job_id: str, *, after: str | None, limit: int
+) -> tuple[dict[str, list[float | None]], str | None, bool]:
+    """The job's metric events after the event `after`, oldest first, as columns: `step` and each of METRIC_NAMES
+    that any of them has (None where one has not), values to 6 significant digits (a chart needs no more, and
+    10,000 steps stay small). Returns (columns, the last event's id, whether more follow)."""
+    get_job(session, project, job_id)
+    query = select(JobEvent.seq, JobEvent.id, JobEvent.data).where(
+        JobEvent.job_id == job_id, JobEvent.type == "metrics"
+    )
+    if after:
+        after_seq = session.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
+        if after_seq is None:
+            raise NotFound(f"No event {after} in job {job_id}.", param="after")
+        query = query.where(JobEvent.seq > after_seq)
+    rows = session.execute(query.order_by(JobEvent.seq).limit(limit + 1)).all()
+    has_more, rows = len(rows) > limit, rows[:limit]
+    points = [row.data or {} for row in rows]
+    names = [name for name in ("step", *METRIC_NAMES) if any(name in point for point in points)]
+    columns = {name: [_significant(point.get(name)) for point in points] for name in names}
+    return columns, (rows[-1].id if rows else after), has_more
+
+
+def _significant(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 def list_checkpoints(session: Session, project: CurrentProject, job_id: str, *, after: str | None, limit: int) -> Page:

@@ -464,6 +464,9 @@ POSITIVE_FIXES = {
     "GET /v1/fine_tuning/jobs/{fine_tuning_job_id}/events": cursor(
         lambda res, case: res.events[case.path_parameters["fine_tuning_job_id"]]
     ),
+    "GET /v1/fine_tuning/jobs/{fine_tuning_job_id}/metrics": cursor(  # the cursor is an event too
+        lambda res, case: res.events[case.path_parameters["fine_tuning_job_id"]]
+    ),
     "GET /v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints": cursor(
         lambda res, case: res.checkpoints[case.path_parameters["fine_tuning_job_id"]]
     ),
