@@ -22,6 +22,8 @@ run: install
 	$(BIN)/tuneserve up
 
 test: lint
+	@# Debian's Chromium, which the dashboard's browser tests drive (tests/e2e/test_dashboard.py).
+	@command -v chromium >/dev/null || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)
 	$(BIN)/python -m pytest
 
 # Style, formatting, the import contracts that keep the layers apart (pyproject.toml [tool.importlinter]) and
@@ -48,4 +50,4 @@ bench: install $(VLLM_VENV)/.installed
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache test-artifacts

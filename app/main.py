@@ -17,7 +17,7 @@ from app.api.idempotency import install_replay_handler
 from app.api.json_bodies import install_json_body_guard
 from app.api.replicas import ReplicaPool
 from app.api.request_id import install_request_ids
-from app.api.routes import completions, files, fine_tuning, forwarding, health, models, tokenization
+from app.api.routes import completions, dashboard, files, fine_tuning, forwarding, health, models, tokenization
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.inference import InferenceEngine
@@ -106,7 +106,9 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "infere
         app.state.engine.dispose()
 
     logging.basicConfig(level=settings.log_level.upper())
-    app = FastAPI(title="tuneserve", version="0.1.0", lifespan=lifespan)
+    # The docs are served by the dashboard's router, from assets that ship with the package (FastAPI's own load
+    # them from a CDN: blank on a machine without internet).
+    app = FastAPI(title="tuneserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
     install_replay_handler(app)
     install_json_body_guard(app, max_bytes=settings.max_json_body_bytes, max_depth=settings.max_json_depth)
@@ -121,4 +123,5 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "infere
     app.include_router(models.router)
     app.include_router(tokenization.router)
     app.include_router(forwarding.router if forwards else completions.router)
+    app.include_router(dashboard.router)
     return app
