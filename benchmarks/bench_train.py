@@ -110,6 +110,26 @@ def render_len(example, tokenizer):
     return render_training_example(example, tokenizer)[0]
 
 
+# What every TRL trainer here runs with: one epoch, no logging or saving, on the CPU. TRL's configs default to bf16
+# and gradient checkpointing; both cost time on a CPU and the engine uses neither there, so they are off to compare
+# like with like.
+TRL_CPU_ARGS = {
+    "num_train_epochs": 1,
+    "warmup_steps": 0,
+    "max_grad_norm": 1.0,
+    "logging_steps": 10**6,
+    "save_strategy": "no",
+    "report_to": "none",
+    "use_cpu": True,
+    "max_length": MAX_SEQ_LENGTH,
+    "seed": SEED,
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+    "bf16": False,
+    "gradient_checkpointing": False,
+}
+
+
 def spec_for(n_examples: int, method: str = "supervised", **overrides):
     hp = {
         "n_epochs": 1,
@@ -231,22 +251,10 @@ def run_trl_dpo(model_dir: Path, pairs: list[dict], out_dir: Path) -> float:
     config = DPOConfig(
         output_dir=str(out_dir),
         per_device_train_batch_size=BATCH_EXAMPLES,
-        num_train_epochs=1,
         learning_rate=spec.learning_rate,
         beta=0.1,
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        max_length=MAX_SEQ_LENGTH,
         precompute_ref_log_probs=True,
-        seed=SEED,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        bf16=False,  # as for SFTTrainer: DPOConfig's GPU defaults cost time on a CPU, and the engine uses neither
-        gradient_checkpointing=False,
+        **TRL_CPU_ARGS,
     )
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
     trainer = DPOTrainer(
@@ -337,23 +345,9 @@ def run_trl(model_dir: Path, examples: list[dict], out_dir: Path) -> tuple[float
         output_dir=str(out_dir),
         per_device_train_batch_size=1,
         gradient_accumulation_steps=rows_per_step,
-        num_train_epochs=1,
         learning_rate=spec.learning_rate,
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
         packing=True,
-        max_length=MAX_SEQ_LENGTH,
-        seed=SEED,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        # SFTConfig defaults to bf16 and gradient checkpointing; both cost time on a CPU and the engine uses
-        # neither there, so they are turned off to compare like with like.
-        bf16=False,
-        gradient_checkpointing=False,
+        **TRL_CPU_ARGS,
     )
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
 
