@@ -110,9 +110,13 @@ def test_a_users_session_from_upload_to_playground(service, browser, tmp_path):
     alert = page.get_by_role("alert")
     assert "line 4" in alert.inner_text() and "line 8" in alert.inner_text()
     visit.screenshot("files-refused")
-    page.locator("#upload-file").set_input_files(
-        {"name": "train.jsonl", "mimeType": "application/jsonl", "buffer": valid_chat_file(40)}
-    )
+    # The good one dropped on the upload zone, as a user drags it from their files.
+    drop = """(zone, text) => {
+        const data = new DataTransfer();
+        data.items.add(new File([text], "train.jsonl", {type: "application/jsonl"}));
+        zone.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+    }"""
+    page.locator(".drop").evaluate(drop, valid_chat_file(40).decode())
     page.get_by_role("status").filter(has_text="Uploaded train.jsonl").wait_for()
     page.get_by_role("button", name="Preview train.jsonl").click()
     assert '"role": "assistant"' in page.locator("pre").inner_text()
