@@ -65,6 +65,7 @@ class BaseModelRuntime:
         self.context_length = int(
             info.context_length or getattr(self.model.config, "max_position_embeddings", None) or 2048
         )
+        self._threads = torch.get_num_threads()
         self._widest_layer_macs = max(
             layer.base.in_features * layer.base.out_features for layer in self.lora.layers.values()
         )
@@ -82,12 +83,13 @@ class BaseModelRuntime:
         if self.device.type != "cpu" or tokens * self._widest_layer_macs >= SINGLE_THREAD_MACS:
             yield
             return
-        threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             yield
         finally:
-            torch.set_num_threads(threads)
+            # The count the process had when this model loaded, not the one read now: another model's scheduler may
+            # be inside its own small forward at this moment.
+            torch.set_num_threads(self._threads)
 
     def logits(self, cache: DynamicCache, **inputs: torch.Tensor | int) -> torch.Tensor:
         """`forward`, then its logits [rows, positions kept, vocab] in the model's dtype."""

@@ -10,6 +10,7 @@ Its `to_dict()` is what the job echoes as the resolved `hyperparameters`.
 - learning_rate_multiplier: 1, i.e. the base model's default learning rate.
 - DPO's learning rate is a tenth of the supervised one at the same multiplier: its gradients are large while the
   chosen and rejected answers are still close (TRL's defaults differ 20-fold).
+- lora_dropout for DPO: 0 (the policy is compared with its reference on the same answers), unless given.
 - beta (DPO only): 0.1, the strength of the pull towards the reference model, as OpenAI and TRL default it.
 - eval_every: the steps between validation-sample evaluations, so that they cost about 5% of training (a forward
   pass over VALID_SAMPLE examples, about half a step's cost per batch_size of them, every 10 x VALID_SAMPLE examples
@@ -287,7 +288,9 @@ def resolve_spec(
         learning_rate=d["learning_rate"] * multiplier * (DPO_LEARNING_RATE_SCALE if method == "dpo" else 1.0),
         lora_r=_number(hp, "lora_r", d["lora_r"], kind=int, lo=1, hi=1024),
         lora_alpha=_number(hp, "lora_alpha", d["lora_alpha"], lo=0, hi=4096, lo_open=True),
-        lora_dropout=_number(hp, "lora_dropout", d["lora_dropout"], lo=0, hi=0.9),
+        # DPO compares the policy with its reference on the same answers: dropout would add noise to every margin
+        # (TRL turns it off for DPO too), so it is off unless asked for.
+        lora_dropout=_number(hp, "lora_dropout", 0.0 if method == "dpo" else d["lora_dropout"], lo=0, hi=0.9),
         target_modules=target_modules,
         use_rslora=_flag(hp, "use_rslora", False),
         max_seq_length=_number(hp, "max_seq_length", d["max_seq_length"], kind=int, lo=16, hi=262_144),

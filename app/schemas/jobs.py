@@ -115,7 +115,7 @@ class JobMetrics(BaseModel):
     """An extra of this service: a job's metric events as columns (`step`, `train_loss`, ...), for charts."""
 
     object: Literal["fine_tuning.job.metrics"] = "fine_tuning.job.metrics"
-    data: dict[str, list[float | None]]
+    data: dict[str, list[int | float | None]]  # `step` in integers
     last_id: str | None  # pass as `after` to get only what came since
     has_more: bool
 

@@ -113,6 +113,13 @@ def _requested_options(request: CreateJobRequest) -> tuple[str, dict]:
             code="unsupported_method",
         )
     options = dict(request.hyperparameters or {})
+    if request.method:
+        other = request.method.dpo if method == "supervised" else request.method.supervised
+        if other is not None:
+            raise InvalidRequest(
+                f"method.{'dpo' if method == 'supervised' else 'supervised'} does not apply to method type {method}.",
+                param="method",
+            )
     in_method = request.method and (request.method.supervised if method == "supervised" else request.method.dpo)
     if in_method and in_method.hyperparameters:
         if request.hyperparameters:
@@ -240,7 +247,7 @@ def list_events(session: Session, project: CurrentProject, job_id: str, *, after
 
 def job_metrics(
     session: Session, project: CurrentProject, job_id: str, *, after: str | None, limit: int
-) -> tuple[dict[str, list[float | None]], str | None, bool]:
+) -> tuple[dict[str, list[int | float | None]], str | None, bool]:
     """The job's metric events after the event `after`, oldest first, as columns: `step` and each of METRIC_NAMES
     that any of them has (None where one has not), values to 6 significant digits (a chart needs no more, and
     10,000 steps stay small). Returns (columns, the last event's id, whether more follow)."""
@@ -261,7 +268,7 @@ def job_metrics(
     return columns, (rows[-1].id if rows else after), has_more
 
 
-def _significant(value: float | None) -> float | None:
+def _significant(value: int | float | None) -> int | float | None:
     return None if value is None else float(f"{value:.6g}") if isinstance(value, float) else value
 
 

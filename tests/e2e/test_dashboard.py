@@ -190,10 +190,15 @@ def test_a_users_session_from_upload_to_playground(service, browser, tmp_path):
     assert f"{job_id} train loss" in legend and f"{other.id} train loss" in legend
     visit.screenshot("compare")
 
+    # A result file deleted since: the job page says so, and shows the rest.
+    sdk = stack.sdk(server)
+    deleted = sdk.fine_tuning.jobs.retrieve(job_id).result_files[0]
+    sdk.files.delete(deleted)
     # Readable at phone width: nothing wider than the screen but what scrolls in its own box (tables).
     page.set_viewport_size({"width": 390, "height": 844})
     page.goto(f"/ui/jobs/{job_id}")
     page.locator(".uplot").wait_for()
+    page.get_by_text(f"{deleted}: deleted").wait_for()
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     visit.screenshot("job-phone")
     assert visit.outside() == []

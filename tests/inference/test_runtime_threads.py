@@ -9,12 +9,12 @@ from app.inference.runtime import SINGLE_THREAD_MACS, BaseModelRuntime
 
 
 def test_small_forwards_run_on_one_thread_and_large_ones_on_all(registry):
-    runtime = BaseModelRuntime(registry.resolve("tuneserve-tiny"), device=torch.device("cpu"), dtype=torch.float32)
-    threads_during: list[int] = []
-    runtime.model.register_forward_pre_hook(lambda module, args: threads_during.append(torch.get_num_threads()))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        runtime = BaseModelRuntime(registry.resolve("tuneserve-tiny"), device=torch.device("cpu"), dtype=torch.float32)
+        threads_during: list[int] = []
+        runtime.model.register_forward_pre_hook(lambda module, args: threads_during.append(torch.get_num_threads()))
         widest = max(layer.base.in_features * layer.base.out_features for layer in runtime.lora.layers.values())
         small = SINGLE_THREAD_MACS // widest // 2  # tokens
         large = SINGLE_THREAD_MACS // widest + 1

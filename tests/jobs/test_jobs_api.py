@@ -134,6 +134,9 @@ def test_a_dpo_job_takes_preference_files_and_dpo_hyperparameters(client, traini
     assert r.status_code == 400 and r.json()["error"]["param"] == "hyperparameters.beta"
     r = create(client, training_file=preference, validation_file=training_file, method={"type": "dpo"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "validation_file"
+    mixed = {"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 2}}}  # would be dropped silently
+    r = create(client, training_file=preference, method=mixed)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "method"
 
 
 def test_a_conversation_the_base_models_template_refuses_is_a_400_naming_the_line_and_role(client):

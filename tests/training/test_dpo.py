@@ -18,6 +18,7 @@ from app.ml.chat import IGNORE_INDEX
 from app.ml.synthetic import intent_preference_task
 from tests.training.conftest import write_jsonl
 from worker.training.callbacks import TrainingCallbacks
+from worker.training.checkpoint import save_adapter
 from worker.training.data import TokenizedExample
 from worker.training.devices import DeviceGroup
 from worker.training.dpo import compute_references, evaluate_pairs
@@ -61,13 +62,28 @@ def test_only_the_answer_is_supervised_and_the_history_is_shared(tiny, tmp_path)
     tokenizer = load_tokenizer(tiny.name_or_path)
     path = write_jsonl(tmp_path / "p.jsonl", [example] * 3)
     [pair, *_] = load_preference_dataset(path, tokenizer, 1024, "drop", param="training_file").examples
-    for sequence, answer in ((pair.chosen, "good"), (pair.rejected, "bad answer")):
+    assert pair.line == 1
+    assert_answer_after_the_same_conversation(tokenizer, pair, "good", "bad answer")
+
+    # Too long for max_seq_length: cut from the left by the same number of conversation tokens, or dropped.
+    example["non_preferred_output"][0]["content"] = "a much longer answer " * 3
+    path = write_jsonl(tmp_path / "long.jsonl", [example] * 3)
+    longest = len(pair.chosen) + 12
+    cut = load_preference_dataset(path, tokenizer, longest, "truncate_left", param="training_file")
+    assert cut.n_truncated == 3 and len(cut.examples[0].rejected) == longest
+    assert_answer_after_the_same_conversation(tokenizer, cut.examples[0], "good", "a much longer answer")
+    dropped = load_preference_dataset(path, tokenizer, longest, "drop", param="training_file")
+    assert dropped.examples == [] and dropped.n_dropped_too_long == 3
+
+
+def assert_answer_after_the_same_conversation(tokenizer, pair, chosen: str, rejected: str) -> None:
+    starts = []
+    for sequence, answer in ((pair.chosen, chosen), (pair.rejected, rejected)):
         supervised = [t for t in sequence.targets if t != IGNORE_INDEX]
         assert tokenizer.decode(supervised).startswith(answer)
         assert "earlier" not in tokenizer.decode(supervised)
-        start = sequence.targets.index(supervised[0])
-        assert sequence.input_ids[: start + 1] == pair.chosen.input_ids[: start + 1]  # the same conversation
-    assert pair.line == 1
+        starts.append(sequence.targets.index(supervised[0]) + 1)  # the answer's first position
+    assert starts[0] == starts[1] and pair.chosen.input_ids[: starts[0]] == pair.rejected.input_ids[: starts[1]]
 
 
 def test_dpo_figures_equal_a_direct_computation_with_the_peft_model(tiny, task):
@@ -136,26 +152,36 @@ def test_dpo_learns_the_preferred_format_on_held_out_prompts(tiny, task, tmp_pat
     assert sum(after) / len(after) >= 0.9 > sum(before) / len(before)
 
 
-def _train_and_die_at_checkpoint(spec, train_file, tiny, output_dir, kill_at):
+def _train_and_die_at_checkpoint(spec, train_file, tiny, output_dir, init_adapter, kill_at):
     class Die(TrainingCallbacks):
         def on_checkpoint(self, step, checkpoint_dir, metrics):
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    train(spec, train_file, None, tiny, output_dir, Die())
+    train(spec, train_file, None, tiny, output_dir, Die(), init_adapter=init_adapter)
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(tiny, task, tmp_path):
-    spec = dpo_spec(tiny)  # dropout on: the resumed run must restore the RNG, and the references it started with
-    straight = train(spec, task[0], None, tiny, tmp_path / "straight")
+    """From a fine-tuned adapter, as DPO after SFT starts: the reference is that adapter, not the checkpoint's
+    weights, so a resumed run must take its references from the checkpoint."""
+    spec = dpo_spec(tiny, lora_dropout=0.1)  # the resumed run must restore the RNG too
+    start = tmp_path / "start"
+    model = build_lora_model(load_base_model(tiny.name_or_path, CPU, torch.float32), spec)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.02)
+    save_adapter(model, start)
+    straight = train(spec, task[0], None, tiny, tmp_path / "straight", init_adapter=start)
     child = multiprocessing.get_context("spawn").Process(
-        target=_train_and_die_at_checkpoint, args=(spec, task[0], tiny, tmp_path / "killed", 4)
+        target=_train_and_die_at_checkpoint, args=(spec, task[0], tiny, tmp_path / "killed", start, 4)
     )
     child.start()
     child.join(timeout=300)
     assert child.exitcode == -signal.SIGKILL
     [checkpoint] = sorted((tmp_path / "killed" / "checkpoints").glob("checkpoint-*"))
-    resumed = train(spec, task[0], None, tiny, tmp_path / "killed", resume_from=checkpoint)
+    resumed = train(spec, task[0], None, tiny, tmp_path / "killed", resume_from=checkpoint, init_adapter=start)
     assert resumed.metrics_rows == straight.metrics_rows
     a, b = load_file(resumed.adapter_dir / ADAPTER), load_file(straight.adapter_dir / ADAPTER)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -32,15 +32,15 @@ class TokenizedExample:
         return len(self.input_ids)
 
 
-E = TypeVar("E", bound="TokenizedExample | PreferencePair")
+Item = TypeVar("Item", bound="TokenizedExample | PreferencePair")
 
 
 @dataclass
-class TokenizedDataset(Generic[E]):
+class TokenizedDataset(Generic[Item]):
     """Examples (or preference pairs) that will be trained on, and the counts of those that will not (never
     silently)."""
 
-    examples: list[E] = field(default_factory=list)
+    examples: list[Item] = field(default_factory=list)
     n_read: int = 0
     n_dropped_too_long: int = 0
     n_truncated: int = 0
@@ -138,15 +138,27 @@ def tokenize_example(
 ) -> Tokenized:
     """One example rendered and shifted (`truncated` says whether `policy` cut it to fit), or why it is not
     used: "too_long" or "no_supervised"."""
+    input_ids, labels = render_example(example, tokenizer)
+    return fit_example(input_ids, labels, max_seq_length, policy, tokenizer.bos_token_id, line)
+
+
+def render_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a chat or prompt/completion example; a template that refuses it is a TrainingError."""
     try:
-        input_ids, labels = render_training_example(example, tokenizer)
+        return render_training_example(example, tokenizer)
     except ChatTemplateError as exc:
         raise TrainingError("invalid_chat_template", str(exc)) from None
+
+
+def fit_example(
+    input_ids: list[int], labels: list[int], max_len: int, policy: str, bos_id: int | None, line: int
+) -> Tokenized:
+    """A rendered example under `policy` when it is over `max_len` tokens, shifted."""
     truncated = False
-    if len(input_ids) > max_seq_length:
+    if len(input_ids) > max_len:
         if policy != "truncate_left":
             return Tokenized(None, "too_long")
-        input_ids, labels = _truncate_left(input_ids, labels, max_seq_length, tokenizer.bos_token_id)
+        input_ids, labels = _truncate_left(input_ids, labels, max_len, bos_id)
         truncated = True
     tokenized = shift_labels(input_ids, labels, line)
     if tokenized.n_supervised == 0:

@@ -268,7 +268,7 @@ def train(
         early = EarlyStopping(int(spec.early_stopping["patience"]), spec.early_stopping["min_delta"])
         if state.get("early_stopping") is not None:
             early.load_state_dict(state["early_stopping"])
-    step_loss = objective.wrap(model)
+    step_forward = objective.wrap(model)  # DDP-wrapped in a group of ranks
     resumed_tokens, train_seconds = trained_tokens, 0.0
 
     def result(
@@ -341,7 +341,7 @@ def train(
         step_no = step + 1
         is_last = step_no == total_steps
         step_started = time.perf_counter()
-        figures = objective.step(step_loss, optimizer, scheduler, trainable, batch)
+        figures = objective.step(step_forward, optimizer, scheduler, trainable, batch)
         if is_last and device.type == "cuda":
             torch.cuda.synchronize(device)  # each step waits for the one before it; the last is waited for here
         train_seconds += time.perf_counter() - step_started

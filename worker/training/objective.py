@@ -16,6 +16,7 @@ from app.jobs.spec import TrainingSpec
 from worker.training.data import TokenizedDataset, TokenizedExample, load_dataset
 from worker.training.devices import DeviceGroup
 from worker.training.dpo import PairScore, compute_references, dpo_step, evaluate_pairs, score_pairs
+from worker.training.errors import TrainingError
 from worker.training.evaluation import ExampleScore, evaluate, score_examples
 from worker.training.loss import loss_sums, sequence_logps
 from worker.training.preference import PreferencePair, load_preference_dataset
@@ -27,7 +28,7 @@ class _Base:
 
     def __init__(self, spec: TrainingSpec, tokenizer: PreTrainedTokenizerBase, group: DeviceGroup, pad_id: int):
         self.spec, self.tokenizer, self.group, self.pad_id = spec, tokenizer, group, pad_id
-        self.eval_tokens = micro_batch_tokens(spec, group.device)
+        self.micro_batch_tokens = micro_batch_tokens(spec, group.device)
 
     def wrap(self, model: PeftModel) -> torch.nn.Module:
         """The module whose forward the step calls per micro-batch (DDP-wrapped in a group of ranks)."""
@@ -61,11 +62,11 @@ class Supervised(_Base):
         return optimizer_step(step_module, self.group, optimizer, scheduler, trainable, batch, self.spec, self.pad_id)
 
     def evaluate(self, model: PeftModel, examples: list[TokenizedExample]) -> tuple[float, float]:
-        return evaluate(model, examples, self.spec, self.pad_id, self.group, self.eval_tokens)
+        return evaluate(model, examples, self.spec, self.pad_id, self.group, self.micro_batch_tokens)
 
     def score(self, model: PeftModel, examples: list[TokenizedExample]) -> list[ExampleScore]:
         device, length = self.group.device, self.spec.max_seq_length
-        return score_examples(model, examples, length, self.pad_id, device, self.eval_tokens)
+        return score_examples(model, examples, length, self.pad_id, device, self.micro_batch_tokens)
 
 
 class Dpo(_Base):
@@ -89,10 +90,12 @@ class Dpo(_Base):
         """The reference log-probabilities: the checkpoint's, or computed now from the starting weights (the base
         alone unless the job continues from an adapter)."""
         if saved is not None:
+            if len(saved) != len(examples):
+                raise TrainingError("checkpoint_mismatch", "the checkpoint was written for a different dataset")
             for pair, (chosen, rejected) in zip(examples, saved, strict=True):
                 pair.reference = (chosen, rejected)
             return
-        length, tokens = self.spec.max_seq_length, self.eval_tokens
+        length, tokens = self.spec.max_seq_length, self.micro_batch_tokens
         compute_references(model, examples, length, self.pad_id, self.group, tokens, adapter_disabled=not from_adapter)
 
     def state(self, examples: list[PreferencePair]) -> Any:
@@ -109,15 +112,15 @@ class Dpo(_Base):
         spec = self.spec
         return dpo_step(
             step_module, self.group, optimizer, scheduler, trainable, batch, self.beta,
-            spec.max_seq_length, spec.max_grad_norm, self.pad_id, self.eval_tokens,
+            spec.max_seq_length, spec.max_grad_norm, self.pad_id, self.micro_batch_tokens,
         )  # fmt: skip
 
     def evaluate(self, model: PeftModel, examples: list[PreferencePair]) -> tuple[float, float]:
-        length, tokens = self.spec.max_seq_length, self.eval_tokens
+        length, tokens = self.spec.max_seq_length, self.micro_batch_tokens
         return evaluate_pairs(model, examples, self.beta, length, self.pad_id, self.group, tokens)
 
     def score(self, model: PeftModel, examples: list[PreferencePair]) -> list[PairScore]:
-        length, tokens = self.spec.max_seq_length, self.eval_tokens
+        length, tokens = self.spec.max_seq_length, self.micro_batch_tokens
         return score_pairs(model, examples, self.beta, length, self.pad_id, self.group.device, tokens)
 
 

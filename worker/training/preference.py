@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from app.datasets.examples import preference_conversations
-from worker.training.data import TokenizedDataset, TokenizedExample, read_jsonl, tokenize_example
+from worker.training.data import TokenizedDataset, TokenizedExample, fit_example, read_jsonl, render_example
 from worker.training.packing import MicroBatch, best_fit_decreasing, collate_packed, group_rows
 
 if TYPE_CHECKING:
@@ -37,13 +37,17 @@ class PreferencePair:
 def load_preference_dataset(
     path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int, policy: str, *, param: str
 ) -> TokenizedDataset[PreferencePair]:
-    """Every pair whose two sequences each fit `max_seq_length` (under `policy`) and supervise a token."""
+    """Every pair whose two sequences each fit `max_seq_length` (under `policy`, applied to the pair) and supervise
+    a token."""
     numbered = read_jsonl(path, param=param, preference=True)
     out: TokenizedDataset[PreferencePair] = TokenizedDataset(n_read=len(numbered))
     for line, example in numbered:
+        rendered = [render_example(conversation, tokenizer) for conversation in preference_conversations(example)]
+        # Both sequences start with the same conversation: over-long, they are cut by the same number of its tokens
+        # (or dropped together), so each answer still follows the same prompt.
+        over = max(0, max(len(ids) for ids, _ in rendered) - max_seq_length)
         chosen, rejected = (
-            tokenize_example(conversation, tokenizer, max_seq_length, policy, line)
-            for conversation in preference_conversations(example)
+            fit_example(ids, labels, len(ids) - over, policy, tokenizer.bos_token_id, line) for ids, labels in rendered
         )
         if out.count(chosen, rejected) and chosen.example is not None and rejected.example is not None:
             out.examples.append(PreferencePair(chosen.example, rejected.example, line))

@@ -31,12 +31,15 @@ class Asset:
     etag: str
 
 
+# The files there are, listed once: a request names one of them or nothing (no path is ever built from it), and
+# what is read and compressed per process is bounded by this list.
+FILES = frozenset(p.relative_to(STATIC_DIR).as_posix() for p in STATIC_DIR.rglob("*") if p.is_file())
+
+
 @cache
-def _asset(relative: str) -> Asset | None:
-    """A file under STATIC_DIR, read and compressed once per process; None outside it or missing."""
-    path = (STATIC_DIR / relative).resolve()
-    if not path.is_relative_to(STATIC_DIR) or not path.is_file():
-        return None
+def _asset(relative: str) -> Asset:
+    """A file of FILES, read and compressed once per process."""
+    path = STATIC_DIR / relative
     body = path.read_bytes()
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if media_type.startswith("text/") or media_type == "application/javascript":
@@ -45,9 +48,9 @@ def _asset(relative: str) -> Asset | None:
 
 
 def _serve(request: Request, relative: str) -> Response:
+    if relative not in FILES:
+        raise NotFound(f"No file {relative[:200]} in the dashboard.", code="not_found")
     asset = _asset(relative)
-    if asset is None:
-        raise NotFound(f"No file {relative} in the dashboard.", code="not_found")
     # Revalidated on every load (a deploy changes them), answered 304 when unchanged.
     headers = {"ETag": asset.etag, "Cache-Control": "no-cache"}
     if request.headers.get("if-none-match") == asset.etag:

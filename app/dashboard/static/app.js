@@ -6,7 +6,9 @@
 const KEY_STORAGE = "tuneserve.api_key";
 const POLL_MS = 2000;
 const view = document.getElementById("view");
-let leavePage = () => {}; // stops the open page's timers and streams
+// The page on screen: `alive` until the next navigation, `stop` ends its timers and streams. A page that is still
+// loading when the user moves on must neither draw over the next one nor keep polling.
+let current = { alive: false, stop: () => {} };
 
 // ---------- API ----------
 
@@ -122,7 +124,8 @@ function link(href, text) {
   return h("a", { href, text });
 }
 
-function show(title, ...content) {
+function show(page, title, ...content) {
+  if (!page.alive) return; // the user has moved on
   view.replaceChildren(h("h1", { text: title }), ...content);
   document.title = `${title} · tuneserve`;
 }
@@ -134,7 +137,7 @@ function signOut(message) {
   navigate("/ui/", message);
 }
 
-function signInPage(message) {
+function signInPage(page, message) {
   document.getElementById("nav").hidden = true;
   const input = h("input", { type: "password", autocomplete: "off", required: true, size: 40, name: "api_key" });
   const errors = h("div", { "aria-live": "polite" }, message ? alertBox(message) : null);
@@ -160,13 +163,13 @@ function signInPage(message) {
     h("p", {}, h("button", { class: "primary", type: "submit", text: "Sign in" })),
     errors,
   );
-  show("Sign in", form);
+  show(page, "Sign in", form);
   input.focus();
 }
 
 // ---------- files ----------
 
-async function filesPage() {
+async function filesPage(page) {
   const report = h("div", { "aria-live": "polite" });
   const progress = h("progress", { max: 100, value: 0, hidden: true, "aria-label": "Upload progress" });
   const preview = h("div");
@@ -256,7 +259,7 @@ async function filesPage() {
     }
   }
 
-  show("Files", h("div", { class: "row" }, field("Purpose", purpose)), drop, progress, report, list, preview);
+  show(page, "Files", h("div", { class: "row" }, field("Purpose", purpose)), drop, progress, report, list, preview);
   refresh();
 }
 
@@ -269,7 +272,7 @@ function jobDuration(job) {
   return end ? duration(end - job.created_at) : "";
 }
 
-async function jobsPage() {
+async function jobsPage(page) {
   const params = new URLSearchParams(location.search);
   const status = h("select", { name: "status" }, ["", "queued", "running", "paused", "succeeded", "failed", "cancelled"].map((s) =>
     h("option", { value: s, text: s || "any", selected: s === (params.get("status") || "") })));
@@ -304,7 +307,7 @@ async function jobsPage() {
     }
   }
 
-  show("Jobs",
+  show(page, "Jobs",
     h("p", {}, link("/ui/jobs/new", "Create a fine-tuning job")),
     h("div", { class: "row", role: "search" }, field("Status", status), field("Metadata", metadata, "(key=value)")),
     list);
@@ -313,7 +316,7 @@ async function jobsPage() {
   return () => clearInterval(timer);
 }
 
-async function newJobPage() {
+async function newJobPage(page) {
   const [models, files] = await Promise.all([api("/models"), api("/files?purpose=fine-tune")]);
   const usable = files.data.filter((f) => f.status === "processed");
   const fileOptions = (optional) => [optional ? h("option", { value: "", text: "none" }) : null,
@@ -368,7 +371,7 @@ async function newJobPage() {
     field("LoRA rank", inputs.lora_r), field("LoRA alpha", inputs.lora_alpha), field("LoRA dropout", inputs.lora_dropout)),
   h("p", {}, h("button", { class: "primary", type: "submit", text: "Create job" })),
   errors);
-  show("New fine-tuning job", usable.length ? form : h("p", {}, "Upload a training file first: ", link("/ui/files", "Files")));
+  show(page, "New fine-tuning job", usable.length ? form : h("p", {}, "Upload a training file first: ", link("/ui/files", "Files")));
 }
 
 // The job's metric points, fetched incrementally: GET /v1/fine_tuning/jobs/{id}/metrics?after=<cursor>.
@@ -452,7 +455,7 @@ function chartData(seriesList, names) {
   return data;
 }
 
-async function jobPage(jobId) {
+async function jobPage(page, jobId) {
   const facts = h("dl", { class: "facts" });
   const actions = h("div", { class: "row" });
   const message = h("div", { "aria-live": "polite" });
@@ -461,7 +464,7 @@ async function jobPage(jobId) {
   const checkpoints = h("div");
   const results = h("div");
   const hyper = h("pre", { tabindex: 0 });
-  show(`Job ${jobId}`, facts, actions, message, h("h2", { text: "Loss" }), chartBox,
+  show(page, `Job ${jobId}`, facts, actions, message, h("h2", { text: "Loss" }), chartBox,
     h("h2", { text: "Checkpoints" }), checkpoints, h("h2", { text: "Result files" }), results,
     h("h2", { text: "Hyperparameters (resolved)" }), hyper, h("h2", { text: "Latest events" }), events);
 
@@ -480,7 +483,7 @@ async function jobPage(jobId) {
     }
   };
 
-  async function refreshDetails(job) {
+  function showDetails(job) {
     const finish = job.estimated_finish && !FINAL.has(job.status) ? when(job.estimated_finish) : "";
     facts.replaceChildren(...[
       h("dt", { text: "Status" }), h("dd", {}, statusBadge(job.status), job.error ? ` ${job.error.message}` : ""),
@@ -498,52 +501,91 @@ async function jobPage(jobId) {
     actions.replaceChildren(...Object.entries(allowed).map(([verb, ok]) =>
       h("button", { type: "button", disabled: !ok, onclick: act(verb), text: verb[0].toUpperCase() + verb.slice(1) })));
     hyper.textContent = JSON.stringify(job.hyperparameters, null, 2);
-    if (job.result_files.length && !results.querySelector("li")) {
-      const rows = await Promise.all(job.result_files.map(async (id) => {
-        const file = await api(`/files/${id}`);
-        return h("li", {}, h("button", { type: "button", class: "link", onclick: () => download(`/files/${id}/content`, file.filename), text: `Download ${file.filename}` }));
-      }));
-      results.replaceChildren(h("ul", {}, rows));
-    } else if (!job.result_files.length) {
-      results.replaceChildren(h("p", { class: "hint", text: "When the job succeeds." }));
-    }
   }
 
-  async function refresh() {
-    try {
-      const job = await api(`/fine_tuning/jobs/${jobId}`);
-      await refreshDetails(job);
-      const added = await metrics.update();
-      if (!chart && metrics.length) {
-        chartBox.replaceChildren();
-        chart = lossChart(chartBox, [metrics]);
-        // For measurements (benchmarks/bench_dashboard.py): the frame after the chart's first draw.
-        requestAnimationFrame(() => performance.mark("chart-painted"));
+  async function showResults(job) {
+    if (!job.result_files.length) {
+      results.replaceChildren(h("p", { class: "hint", text: "When the job succeeds." }));
+      return;
+    }
+    const items = await Promise.all(job.result_files.map(async (id) => {
+      try {
+        const file = await api(`/files/${id}`);
+        return h("li", {}, h("button", { type: "button", class: "link", onclick: () => download(`/files/${id}/content`, file.filename), text: `Download ${file.filename}` }));
+      } catch (error) {
+        return h("li", { text: `${id}: ${error.status === 404 ? "deleted" : error.message}` });
       }
-      else if (chart && added) chart.refresh();
-      if (!metrics.length) chartBox.replaceChildren(h("p", { class: "hint", text: "No steps yet." }));
-      chartBox.dataset.points = metrics.length;
-      chartBox.setAttribute("aria-label", `Loss and accuracy by step: ${metrics.length} steps so far`);
-      const [eventPage, checkpointPage] = await Promise.all([
-        api(`/fine_tuning/jobs/${jobId}/events?limit=20`), api(`/fine_tuning/jobs/${jobId}/checkpoints?limit=100`)]);
-      events.replaceChildren(table(["Time", "Level", "Message"], eventPage.data.map((e) =>
-        h("tr", {}, h("td", { text: when(e.created_at) }), h("td", { text: e.level }), h("td", { text: e.message, style: "white-space: normal" })))));
-      checkpoints.replaceChildren(checkpointPage.data.length
-        ? table(["Step", "Model", "Train loss", "Validation loss", ""], checkpointPage.data.map((c) =>
-            h("tr", {}, h("td", { text: c.step_number }), h("td", { text: c.fine_tuned_model_checkpoint }),
-              h("td", { text: c.metrics.train_loss?.toFixed(4) ?? "" }), h("td", { text: c.metrics.full_valid_loss?.toFixed(4) ?? "" }),
-              h("td", {}, link(`/ui/playground?model=${encodeURIComponent(c.fine_tuned_model_checkpoint)}`, "Chat")))))
-        : h("p", { class: "hint", text: "None yet." }));
-      if (FINAL.has(job.status) && lastStatus !== null && !FINAL.has(lastStatus)) await metrics.update().then(() => chart && chart.refresh());
-      lastStatus = job.status;
-      if (FINAL.has(job.status) && timer) { clearInterval(timer); timer = null; }
+    }));
+    results.replaceChildren(h("ul", {}, items));
+  }
+
+  async function showChart() {
+    const added = await metrics.update();
+    if (!chart && metrics.length) {
+      chartBox.replaceChildren();
+      chart = lossChart(chartBox, [metrics]);
+      // For measurements (benchmarks/bench_dashboard.py): the frame after the chart's first draw.
+      requestAnimationFrame(() => performance.mark("chart-painted"));
+    } else if (chart && added) {
+      chart.refresh();
+    } else if (!metrics.length) {
+      chartBox.replaceChildren(h("p", { class: "hint", text: "No steps yet." }));
+    }
+    chartBox.dataset.points = metrics.length;
+    chartBox.setAttribute("aria-label", `Loss and accuracy by step: ${metrics.length} steps so far`);
+  }
+
+  async function showEvents() {
+    const eventPage = await api(`/fine_tuning/jobs/${jobId}/events?limit=20`);
+    events.replaceChildren(table(["Time", "Level", "Message"], eventPage.data.map((e) =>
+      h("tr", {}, h("td", { text: when(e.created_at) }), h("td", { text: e.level }), h("td", { text: e.message, style: "white-space: normal" })))));
+  }
+
+  async function showCheckpoints() {
+    const checkpointPage = await api(`/fine_tuning/jobs/${jobId}/checkpoints?limit=100`);
+    checkpoints.replaceChildren(checkpointPage.data.length
+      ? table(["Step", "Model", "Train loss", "Validation loss", ""], checkpointPage.data.map((c) =>
+          h("tr", {}, h("td", { text: c.step_number }), h("td", { text: c.fine_tuned_model_checkpoint }),
+            h("td", { text: c.metrics.train_loss?.toFixed(4) ?? "" }), h("td", { text: c.metrics.full_valid_loss?.toFixed(4) ?? "" }),
+            h("td", {}, link(`/ui/playground?model=${encodeURIComponent(c.fine_tuned_model_checkpoint)}`, "Chat")))))
+      : h("p", { class: "hint", text: "None yet." }));
+  }
+
+  // One refresh at a time (the timer and a button may both ask): two at once would fetch the same new points twice.
+  let refreshing = null;
+  function refresh() {
+    refreshing ??= refreshOnce().finally(() => { refreshing = null; });
+    return refreshing;
+  }
+
+  async function refreshOnce() {
+    let job;
+    try {
+      job = await api(`/fine_tuning/jobs/${jobId}`);
     } catch (error) {
       message.replaceChildren(alertBox(error.message));
+      if (error.status === 404) stopPolling(); // no such job (any more): nothing will change
+      return;
     }
+    showDetails(job);
+    // Each part on its own: one that fails leaves the others showing. Result files are listed once final.
+    const parts = [showChart(), showEvents(), showCheckpoints()];
+    if (!FINAL.has(lastStatus)) parts.push(showResults(job));
+    const failed = (await Promise.allSettled(parts)).filter((r) => r.status === "rejected");
+    message.replaceChildren(...failed.slice(0, 1).map((r) => alertBox(r.reason.message)));
+    if (FINAL.has(job.status) && lastStatus !== null && !FINAL.has(lastStatus)) await showChart(); // its last steps
+    lastStatus = job.status;
+    if (FINAL.has(job.status)) stopPolling();
+  }
+
+  function stopPolling() {
+    if (timer) clearInterval(timer);
+    timer = null;
+    lastStatus ??= "gone";
   }
 
   await refresh();
-  if (!FINAL.has(lastStatus)) timer = setInterval(refresh, POLL_MS);
+  if (!FINAL.has(lastStatus) && lastStatus !== "gone") timer = setInterval(refresh, POLL_MS);
   return () => { if (timer) clearInterval(timer); if (chart) chart.stop(); };
 }
 
@@ -551,27 +593,30 @@ async function jobPage(jobId) {
 
 const PALETTE = ["#0b5cad", "#d9480f", "#2b8a3e", "#862e9c", "#e67700", "#087f8c", "#c2255c", "#5f3dc4"];
 
-async function comparePage() {
+async function comparePage(page) {
   const chosen = new Set((new URLSearchParams(location.search).get("jobs") || "").split(",").filter(Boolean));
   const jobs = await listAll("/fine_tuning/jobs");
   const chartBox = h("div", { class: "chart", role: "img", "aria-label": "Training loss of the chosen jobs by step" });
   const boxes = jobs.map((j) => h("input", { type: "checkbox", value: j.id, checked: chosen.has(j.id), id: `cmp-${j.id}` }));
   let chart = null;
+  let drawing = 0; // the latest choice's draw; an earlier one still loading gives way to it
   async function draw() {
+    const mine = ++drawing;
     const ids = boxes.filter((b) => b.checked).map((b) => b.value);
     history.replaceState(null, "", `/ui/compare${ids.length ? `?jobs=${ids.join(",")}` : ""}`);
-    if (chart) { chart.stop(); chart = null; }
-    if (!ids.length) { chartBox.replaceChildren(h("p", { class: "hint", text: "Choose jobs to compare." })); return; }
-    chartBox.replaceChildren();
     const series = await Promise.all(ids.map(async (id, i) => {
       const s = new MetricSeries(id);
       await s.update();
       return Object.assign(s, { prefix: id, color: PALETTE[i % PALETTE.length] });
     }));
-    chart = lossChart(chartBox, series, { names: CURVES.slice(0, 2) });
+    if (mine !== drawing || !page.alive) return;
+    if (chart) { chart.stop(); chart = null; }
+    chartBox.replaceChildren();
+    if (!ids.length) chartBox.append(h("p", { class: "hint", text: "Choose jobs to compare." }));
+    else chart = lossChart(chartBox, series, { names: CURVES.slice(0, 2) });
   }
   boxes.forEach((b) => b.addEventListener("change", draw));
-  show("Compare jobs",
+  show(page, "Compare jobs",
     h("fieldset", {}, h("legend", { text: "Jobs" }),
       jobs.length ? jobs.map((j, i) => h("div", {}, boxes[i], " ", h("label", { for: boxes[i].id, style: "display:inline", text: `${j.id} · ${j.status} · ${j.model}` })))
         : h("p", { text: "No jobs yet." })),
@@ -582,7 +627,7 @@ async function comparePage() {
 
 // ---------- models ----------
 
-async function modelsPage() {
+async function modelsPage(page) {
   const message = h("div", { "aria-live": "polite" });
   const list = h("div");
   async function refresh() {
@@ -608,7 +653,7 @@ async function modelsPage() {
           }) : null));
     })));
   }
-  show("Models", message, list);
+  show(page, "Models", message, list);
   await refresh();
 }
 
@@ -650,7 +695,7 @@ async function* streamChat(model, messages, signal) {
   }
 }
 
-async function playgroundPage() {
+async function playgroundPage(page) {
   const models = (await api("/models")).data.map((m) => m.id);
   const wanted = new URLSearchParams(location.search).get("model");
   const options = (selected, none) => [none ? h("option", { value: "", text: "none" }) : null,
@@ -695,7 +740,7 @@ async function playgroundPage() {
   h("p", {}, h("button", { class: "primary", type: "submit", text: "Send" }), " ",
     h("button", { type: "button", text: "Clear", onclick: () => sides.forEach((s) => { s.history = []; s.box.replaceChildren(); }) })));
   for (const side of sides) side.select.addEventListener("change", () => { side.history = []; side.box.replaceChildren(); });
-  show("Playground", form, h("div", { class: "sides" }, sides.map((s) => s.box)));
+  show(page, "Playground", form, h("div", { class: "sides" }, sides.map((s) => s.box)));
   return () => controller.abort();
 }
 
@@ -713,24 +758,28 @@ const ROUTES = [
 
 // `moveFocus`: after a navigation, focus goes to the new page's content (not on first load: a reader starts at the top).
 async function render(message, moveFocus = false) {
-  leavePage();
-  leavePage = () => {};
+  current.alive = false;
+  current.stop();
+  const page = (current = { alive: true, stop: () => {} });
   if (location.pathname === "/") history.replaceState(null, "", "/ui/");
-  if (!apiKey()) return signInPage(message);
+  if (!apiKey()) return signInPage(page, message);
   document.getElementById("nav").hidden = false;
   for (const a of document.querySelectorAll("#nav a")) {
-    const current = location.pathname === a.pathname || (a.pathname === "/ui/jobs" && location.pathname.startsWith("/ui/jobs"));
-    if (current) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
+    const here = location.pathname === a.pathname || (a.pathname === "/ui/jobs" && location.pathname.startsWith("/ui/jobs"));
+    if (here) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
   const route = ROUTES.find(([pattern]) => pattern.test(location.pathname));
-  if (!route) return show("Not found", h("p", {}, "No such page. ", link("/ui/jobs", "Jobs")));
+  if (!route) return show(page, "Not found", h("p", {}, "No such page. ", link("/ui/jobs", "Jobs")));
   try {
-    const stop = await route[1](...location.pathname.match(route[0]).slice(1).filter((x) => x && x !== "jobs"));
-    if (typeof stop === "function") leavePage = stop;
+    const stop = await route[1](page, ...location.pathname.match(route[0]).slice(1).filter((x) => x && x !== "jobs"));
+    if (typeof stop === "function") {
+      if (page.alive) page.stop = stop;
+      else stop();
+    }
   } catch (error) {
-    show("Something went wrong", alertBox(error.message));
+    show(page, "Something went wrong", alertBox(error.message));
   }
-  if (moveFocus) view.focus();
+  if (moveFocus && page.alive) view.focus();
 }
 
 function navigate(path, message) {
