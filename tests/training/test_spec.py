@@ -23,11 +23,11 @@ def test_auto_batch_size_grows_with_the_dataset_within_the_models_cap():
 
 
 def test_auto_eval_every_keeps_sample_evaluations_cheap_and_at_most_about_twenty():
-    assert auto_eval_every(total_steps=60, batch_size=8) == 40  # 320 examples trained per 32 evaluated
-    assert auto_eval_every(total_steps=60, batch_size=64) == 5
+    assert auto_eval_every(total_steps=60, batch_size=8) == 80  # 640 examples trained per 32 evaluated
+    assert auto_eval_every(total_steps=60, batch_size=64) == 10
     assert auto_eval_every(total_steps=10_000, batch_size=64) == 500  # 20 evaluations
     spec = resolve_spec({"batch_size": 8, "early_stopping": {"patience": 2}}, 160, TINY_DEFAULTS, seed=1)
-    assert spec.eval_every == 40 and spec.early_stopping == {"patience": 2, "min_delta": 0.0}
+    assert spec.eval_every == 80 and spec.early_stopping == {"patience": 2, "min_delta": 0.0}
     assert TrainingSpec.from_dict(spec.to_dict()) == spec
 
 

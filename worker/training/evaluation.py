@@ -33,7 +33,7 @@ def scoring(model: PeftModel, device: torch.device):  # type: ignore[no-untyped-
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast(device):
+        with torch.inference_mode(), autocast(device):
             yield
     finally:
         model.train(was_training)

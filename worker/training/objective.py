@@ -20,7 +20,7 @@ from worker.training.errors import TrainingError
 from worker.training.evaluation import ExampleScore, evaluate, score_examples
 from worker.training.loss import loss_sums, sequence_logps
 from worker.training.preference import PreferencePair, load_preference_dataset
-from worker.training.step import StepFigures, micro_batch_tokens, optimizer_step
+from worker.training.step import StepFigures, micro_batch_tokens, optimizer_step, scoring_micro_batch_tokens
 
 
 class _Base:
@@ -28,7 +28,8 @@ class _Base:
 
     def __init__(self, spec: TrainingSpec, tokenizer: PreTrainedTokenizerBase, group: DeviceGroup, pad_id: int):
         self.spec, self.tokenizer, self.group, self.pad_id = spec, tokenizer, group, pad_id
-        self.micro_batch_tokens = micro_batch_tokens(spec, group.device)
+        self.micro_batch_tokens = micro_batch_tokens(spec, group.device)  # of a training step
+        self.scoring_tokens = scoring_micro_batch_tokens(spec, group.device)  # of a forward without backward
 
     def wrap(self, model: PeftModel) -> torch.nn.Module:
         """The module whose forward the step calls per micro-batch (DDP-wrapped in a group of ranks)."""
@@ -62,11 +63,11 @@ class Supervised(_Base):
         return optimizer_step(step_module, self.group, optimizer, scheduler, trainable, batch, self.spec, self.pad_id)
 
     def evaluate(self, model: PeftModel, examples: list[TokenizedExample]) -> tuple[float, float]:
-        return evaluate(model, examples, self.spec, self.pad_id, self.group, self.micro_batch_tokens)
+        return evaluate(model, examples, self.spec, self.pad_id, self.group, self.scoring_tokens)
 
     def score(self, model: PeftModel, examples: list[TokenizedExample]) -> list[ExampleScore]:
         device, length = self.group.device, self.spec.max_seq_length
-        return score_examples(model, examples, length, self.pad_id, device, self.micro_batch_tokens)
+        return score_examples(model, examples, length, self.pad_id, device, self.scoring_tokens)
 
 
 class Dpo(_Base):
@@ -95,7 +96,7 @@ class Dpo(_Base):
             for pair, (chosen, rejected) in zip(examples, saved, strict=True):
                 pair.reference = (chosen, rejected)
             return
-        length, tokens = self.spec.max_seq_length, self.micro_batch_tokens
+        length, tokens = self.spec.max_seq_length, self.scoring_tokens
         compute_references(model, examples, length, self.pad_id, self.group, tokens, adapter_disabled=not from_adapter)
 
     def state(self, examples: list[PreferencePair]) -> Any:
@@ -116,11 +117,11 @@ class Dpo(_Base):
         )  # fmt: skip
 
     def evaluate(self, model: PeftModel, examples: list[PreferencePair]) -> tuple[float, float]:
-        length, tokens = self.spec.max_seq_length, self.micro_batch_tokens
+        length, tokens = self.spec.max_seq_length, self.scoring_tokens
         return evaluate_pairs(model, examples, self.beta, length, self.pad_id, self.group, tokens)
 
     def score(self, model: PeftModel, examples: list[PreferencePair]) -> list[PairScore]:
-        length, tokens = self.spec.max_seq_length, self.micro_batch_tokens
+        length, tokens = self.spec.max_seq_length, self.scoring_tokens
         return score_pairs(model, examples, self.beta, length, self.pad_id, self.group.device, tokens)
 
 

@@ -32,6 +32,20 @@ def micro_batch_tokens(spec: TrainingSpec, device: torch.device) -> int:
     return DEFAULT_MICRO_BATCH_TOKENS
 
 
+# Packed rows per forward when scoring on CPU: a forward without its backward has the working set to spare, and four
+# rows of 1024 tokens scored 30% faster than one (validation of 51 examples, tuneserve-tiny, 2 cores).
+SCORING_ROWS_CPU = 4
+
+
+def scoring_micro_batch_tokens(spec: TrainingSpec, device: torch.device) -> int:
+    """Tokens per forward for validation, reports and DPO's references (no backward): the training value, but
+    SCORING_ROWS_CPU rows where training takes one."""
+    tokens = micro_batch_tokens(spec, device)
+    if spec.micro_batch_tokens is None and spec.packing and device.type == "cpu":
+        return SCORING_ROWS_CPU * tokens
+    return tokens
+
+
 @dataclass
 class StepFigures:
     """One optimizer step, over all ranks."""
