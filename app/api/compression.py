@@ -11,7 +11,7 @@ from fastapi.responses import Response
 MIN_BYTES = 1024  # below this gzip's header costs more than it saves
 
 
-def accepts_gzip(request: Request) -> bool:
+def _accepts_gzip(request: Request) -> bool:
     return "gzip" in request.headers.get("accept-encoding", "").lower()
 
 
@@ -24,7 +24,7 @@ def maybe_gzipped(
 ) -> Response:
     """`body` as it is, or gzipped (`compressed`, when the caller keeps it, else compressed now)."""
     headers = {"Vary": "Accept-Encoding", **(headers or {})}
-    if len(body) < MIN_BYTES or not accepts_gzip(request):
+    if len(body) < MIN_BYTES or not _accepts_gzip(request):
         return Response(body, media_type=media_type, headers=headers)
     data = compressed if compressed is not None else gzip.compress(body, compresslevel=6)
     return Response(data, media_type=media_type, headers={**headers, "Content-Encoding": "gzip"})

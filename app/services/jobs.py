@@ -236,13 +236,17 @@ def list_jobs(
 
 def list_events(session: Session, project: CurrentProject, job_id: str, *, after: str | None, limit: int) -> Page:
     get_job(session, project, job_id)
-    after_seq = None
-    if after:
-        after_seq = session.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
-        if after_seq is None:
-            raise NotFound(f"No event {after} in job {job_id}.", param="after")
+    after_seq = _event_seq(session, job_id, after) if after else None
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     return keyset_page(session, query, JobEvent.seq, after=after_seq, limit=limit)
+
+
+def _event_seq(session: Session, job_id: str, event_id: str) -> int:
+    """The position of the job's event `event_id` (a cursor a client passes as `after`)."""
+    seq = session.scalar(select(JobEvent.seq).where(JobEvent.id == event_id, JobEvent.job_id == job_id))
+    if seq is None:
+        raise NotFound(f"No event {event_id} in job {job_id}.", param="after")
+    return seq
 
 
 def job_metrics(
@@ -256,10 +260,7 @@ def job_metrics(
         JobEvent.job_id == job_id, JobEvent.type == "metrics"
     )
     if after:
-        after_seq = session.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
-        if after_seq is None:
-            raise NotFound(f"No event {after} in job {job_id}.", param="after")
-        query = query.where(JobEvent.seq > after_seq)
+        query = query.where(JobEvent.seq > _event_seq(session, job_id, after))
     rows = session.execute(query.order_by(JobEvent.seq).limit(limit + 1)).all()
     has_more, rows = len(rows) > limit, rows[:limit]
     points = [row.data or {} for row in rows]

@@ -12,6 +12,7 @@ of pairs whose chosen answer has the higher reward.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -62,6 +63,22 @@ def figures_by_name(sums: list[float], n_pairs: int) -> dict[str, float]:
     return {"rewards_chosen": chosen, "rewards_rejected": rejected, "reward_margin": chosen - rejected}
 
 
+def _scored(
+    model: PeftModel,
+    pairs: list[PreferencePair],
+    max_seq_length: int,
+    pad_id: int,
+    device: torch.device,
+    micro_batch_tokens: int,
+) -> Iterator[tuple[PairBatch, torch.Tensor]]:
+    """Each micro-batch of `pairs` with its sequences' log-probabilities (chosen, rejected, chosen, ...), scored in
+    eval mode without gradients: what references, validation and the per-pair report all start from."""
+    with scoring(model, device):
+        for pb in pair_micro_batches(pairs, max_seq_length, pad_id, micro_batch_tokens):
+            pb = pb.to(device)
+            yield pb, sequence_logps(model, pb.batch, pb.sequence_ids, 2 * len(pb.pairs))
+
+
 def compute_references(
     model: PeftModel,
     pairs: list[PreferencePair],
@@ -76,13 +93,12 @@ def compute_references(
     scores its slice and the slices are summed, so every rank ends with them all."""
     index = {id(p): i for i, p in enumerate(pairs)}
     values = [0.0] * (2 * len(pairs))
-    disabled = model.disable_adapter() if adapter_disabled else contextlib.nullcontext()
-    with scoring(model, group.device), disabled:
-        for pb in pair_micro_batches(group.shard(pairs), max_seq_length, pad_id, micro_batch_tokens):
-            pb = pb.to(group.device)
-            logps = sequence_logps(model, pb.batch, pb.sequence_ids, 2 * len(pb.pairs)).tolist()
-            for k, pair in enumerate(pb.pairs):
-                values[2 * index[id(pair)] : 2 * index[id(pair)] + 2] = logps[2 * k : 2 * k + 2]
+    mine = group.shard(pairs)
+    with model.disable_adapter() if adapter_disabled else contextlib.nullcontext():
+        for pb, logps in _scored(model, mine, max_seq_length, pad_id, group.device, micro_batch_tokens):
+            for k, (chosen, rejected) in enumerate(logps.view(-1, 2).tolist()):
+                i = index[id(pb.pairs[k])]
+                values[2 * i : 2 * i + 2] = chosen, rejected
     values = group.sum(values)
     for i, pair in enumerate(pairs):
         pair.reference = (values[2 * i], values[2 * i + 1])
@@ -138,11 +154,8 @@ def evaluate_pairs(
 ) -> tuple[float, float]:
     """Mean DPO loss and reward accuracy over `pairs` (each rank scores its slice)."""
     totals = [0.0] * 4
-    with scoring(model, group.device):
-        for pb in pair_micro_batches(group.shard(pairs), max_seq_length, pad_id, micro_batch_tokens):
-            pb = pb.to(group.device)
-            logps = sequence_logps(model, pb.batch, pb.sequence_ids, 2 * len(pb.pairs))
-            totals = [t + v for t, v in zip(totals, pair_figures(logps, pb, beta).sums(), strict=True)]
+    for pb, logps in _scored(model, group.shard(pairs), max_seq_length, pad_id, group.device, micro_batch_tokens):
+        totals = [t + v for t, v in zip(totals, pair_figures(logps, pb, beta).sums(), strict=True)]
     sums = group.sum(totals)
     return sums[0] / len(pairs), sums[1] / len(pairs)
 
@@ -173,12 +186,10 @@ def score_pairs(
 ) -> list[PairScore]:
     """Every pair's DPO loss and rewards under the trained model, worst (highest loss) first."""
     scores: list[PairScore] = []
-    with scoring(model, device):
-        for pb in pair_micro_batches(pairs, max_seq_length, pad_id, micro_batch_tokens):
-            pb = pb.to(device)
-            figures = pair_figures(sequence_logps(model, pb.batch, pb.sequence_ids, 2 * len(pb.pairs)), pb, beta)
-            for k, pair in enumerate(pb.pairs):
-                chosen, rejected = float(figures.chosen_reward[k]), float(figures.rejected_reward[k])
-                loss = float(figures.loss[k])
-                scores.append(PairScore(pair.line, loss, chosen - rejected, chosen, rejected, chosen <= rejected))
+    for pb, logps in _scored(model, pairs, max_seq_length, pad_id, device, micro_batch_tokens):
+        figures = pair_figures(logps, pb, beta)
+        for k, pair in enumerate(pb.pairs):
+            chosen, rejected = float(figures.chosen_reward[k]), float(figures.rejected_reward[k])
+            loss = float(figures.loss[k])
+            scores.append(PairScore(pair.line, loss, chosen - rejected, chosen, rejected, chosen <= rejected))
     return sorted(scores, key=lambda s: -s.loss)

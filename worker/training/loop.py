@@ -44,31 +44,26 @@ from worker.training.evaluation import ExampleScore
 from worker.training.objective import objective_for
 from worker.training.packing import plan_epoch
 
-# OpenAI's columns (train_accuracy included), then the metric events' own names for the same figures and more.
-RESULT_CSV_COLUMNS = (
-    "step",
-    "train_loss",
-    "train_accuracy",
-    "valid_loss",
-    "valid_mean_token_accuracy",
-    "train_mean_token_accuracy",
-    "full_valid_loss",
-    "full_valid_mean_token_accuracy",
-)
+
+def _csv_columns(accuracy: str, *extra: str) -> tuple[str, ...]:
+    """OpenAI's columns (train_accuracy included), then the metric rows' own names for the same figures (`accuracy`:
+    the objective's accuracy_name) and the objective's `extra` figures."""
+    return (
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "valid_loss",
+        f"valid_{accuracy}",
+        f"train_{accuracy}",
+        "full_valid_loss",
+        f"full_valid_{accuracy}",
+        *extra,
+    )
+
+
+RESULT_CSV_COLUMNS = _csv_columns("mean_token_accuracy")
 # DPO's: its loss, the share of pairs preferred, and the rewards (worker/training/dpo.py).
-DPO_CSV_COLUMNS = (
-    "step",
-    "train_loss",
-    "train_accuracy",
-    "valid_loss",
-    "valid_reward_accuracy",
-    "train_reward_accuracy",
-    "full_valid_loss",
-    "full_valid_reward_accuracy",
-    "reward_margin",
-    "rewards_chosen",
-    "rewards_rejected",
-)
+DPO_CSV_COLUMNS = _csv_columns("reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected")
 
 
 @dataclass

@@ -387,7 +387,7 @@ class MetricSeries {
     const query = this.after ? `?after=${encodeURIComponent(this.after)}` : "";
     const page = await api(`/fine_tuning/jobs/${this.jobId}/metrics${query}`);
     const n = page.data.step ? page.data.step.length : 0;
-    for (const [name, values] of Object.entries(page.data)) {
+    for (const name of Object.keys(page.data)) {
       if (!this.columns[name]) this.columns[name] = new Array(this.length).fill(null);
     }
     for (const name of Object.keys(this.columns)) {
