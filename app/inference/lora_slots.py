@@ -2,13 +2,22 @@
 
 Every linear layer of the decoder (all but the LM head) is wrapped once, when the base model loads. The base
 matmul runs once for the whole batch; the LoRA delta of each row comes from its adapter's "slot" in per-layer
-tables `A[slot] -> [r, in]`, `B[slot] -> [out, r]` (scale folded in). Slot 0 is the base model (all zeros).
+tables kept as batched matmuls read them: `A^T[slot] -> [in, r]`, `B^T[slot] -> [r, out]` (scale folded in). Slot 0
+is the base model (all zeros).
 
 Per forward the scheduler sets a `BatchPlan` (one slot per row):
 - every row on slot 0: no LoRA work at all;
 - every row on one adapter: two plain matmuls over the whole batch (the cheapest form);
-- mixed: one gather of each row's factors and two batched matmuls (the BGMV form of Punica / S-LoRA), so the cost
-  does not grow with the number of distinct adapters in the batch, unlike a loop over adapter groups.
+- mixed, one position per row (decode): rows are gathered into one group per adapter (padded to the largest
+  group) and two batched matmuls apply each group's factors (the SGMV form of Punica / S-LoRA). Each adapter's
+  factors are read once per layer, not once per row: a decode step's small products are bound by the bytes they
+  read (8 adapters' factors weigh as much as a small base model), and gathering factors per row read them twice
+  over at 2 rows per adapter;
+- mixed, several positions per row (prefill): each row's factors are gathered and two batched matmuls apply them
+  per row (BGMV), the sum written into the base output in place. Here the activations outweigh the factors, and
+  grouping rows copied them twice (in and out of the group layout): in benchmarks/bench_serve.py's workload the
+  LoRA part of a prefill cost 90% of its base matmuls with groups, 35% per row.
+Either way the cost does not grow with the number of distinct adapters in the batch, unlike a loop over adapters.
 Ranks differ between adapters: tables are zero-padded to the largest rank seen and each forward slices to the
 largest rank in the batch; zero rows and columns add exact zeros, so padding changes no result.
 
@@ -17,6 +26,7 @@ Tables are only resized or written by the scheduler thread between forwards, nev
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,31 +36,80 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+@dataclass(frozen=True)
+class MixedRows:
+    """The layout of a batch whose rows use different slots."""
+
+    slots: torch.Tensor  # [rows] each row's slot
+    groups: tuple[int, ...]  # the distinct slots, in order
+    group_rows: int  # rows per group: the largest group's
+    gather: torch.Tensor  # [groups * group_rows] the row at each group position; padding repeats a group's first row
+    scatter: torch.Tensor  # [rows] each row's group position
+
+    @classmethod
+    def of(cls, slots: list[int], device: torch.device) -> MixedRows:
+        groups = sorted(set(slots))
+        rows_of: dict[int, list[int]] = {slot: [] for slot in groups}
+        for row, slot in enumerate(slots):
+            rows_of[slot].append(row)
+        width = max(len(rows) for rows in rows_of.values())
+        gather: list[int] = []
+        scatter = [0] * len(slots)
+        for group, slot in enumerate(groups):
+            rows = rows_of[slot]
+            for k, row in enumerate(rows):
+                scatter[row] = group * width + k
+            gather += rows + [rows[0]] * (width - len(rows))
+        return cls(
+            slots=torch.tensor(slots, dtype=torch.long, device=device),
+            groups=tuple(groups),
+            group_rows=width,
+            gather=torch.tensor(gather, dtype=torch.long, device=device),
+            scatter=torch.tensor(scatter, dtype=torch.long, device=device),
+        )
+
+
 class BatchPlan:
     """Which adapter slot each row of the next forward uses."""
 
     def __init__(self) -> None:
         self.single: int | None = 0  # the slot shared by every row, or None when rows differ
-        self.slots: torch.Tensor | None = None  # [rows] slot ids when rows differ
+        self.mixed: MixedRows | None = None  # when rows differ
         self.rank = 0  # largest rank among the rows' adapters
-        # Bumped whenever the rows' slots or the tables change: layers reuse their gathered factors until then,
-        # since a batch keeps its composition for many decode steps.
+        # Bumped when the groups of a mixed batch or the slot tables change: layers keep their groups' factors
+        # gathered until then, across rows that come and go, since a batch keeps its adapters for many decode steps.
         self.version = 0
+        self._groups: tuple[int, ...] = ()
         self._last: list[int] | None = None
+        # One forward's input in group layout, for the layers that read the same input (q, k and v; gate and up).
+        self._grouped_input: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def invalidate(self) -> None:
+    def tables_changed(self) -> None:
+        self.version += 1
         self._last = None
 
     def set(self, slots: list[int], ranks: list[int], device: torch.device) -> None:
+        self._grouped_input = None
         if slots == self._last:
             return
         self._last = list(slots)
-        self.version += 1
         self.rank = max(ranks[s] for s in slots)
         if len(set(slots)) == 1:
-            self.single, self.slots = slots[0], None
-        else:
-            self.single, self.slots = None, torch.tensor(slots, dtype=torch.long, device=device)
+            self.single, self.mixed = slots[0], None
+            return
+        self.single, self.mixed = None, MixedRows.of(slots, device)
+        if self.mixed.groups != self._groups:
+            self._groups = self.mixed.groups
+            self.version += 1
+
+    def grouped_input(self, x: torch.Tensor, mixed: MixedRows) -> torch.Tensor:
+        """A decode step's input `x` [rows, 1, in] as [groups, group_rows, in], gathered once for all the layers
+        that read this very tensor."""
+        if self._grouped_input is None or self._grouped_input[0] is not x:  # `x` is held: no other gets its id
+            rows, features = x.shape[0], x.shape[-1]
+            grouped = x.reshape(rows, features).index_select(0, mixed.gather)
+            self._grouped_input = (x, grouped.view(len(mixed.groups), mixed.group_rows, features))
+        return self._grouped_input[1]
 
 
 class LoraSlotLinear(nn.Module):
@@ -60,9 +119,9 @@ class LoraSlotLinear(nn.Module):
         super().__init__()
         self.base = base
         self.plan = plan
-        self.lora_a: torch.Tensor | None = None  # [slots, r_max, in]
-        self.lora_b: torch.Tensor | None = None  # [slots, out, r_max]
-        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (plan version, a^T, b^T) per row
+        self.lora_a: torch.Tensor | None = None  # A^T [slots, in, r_max]
+        self.lora_b: torch.Tensor | None = None  # B^T [slots, r_max, out]
+        self._group_factors: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (plan version, A^T, B^T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -71,22 +130,26 @@ class LoraSlotLinear(nn.Module):
             return out
         r = plan.rank
         if plan.single is not None:
-            a = lora_a[plan.single, :r]
-            b = lora_b[plan.single, :, :r]
-            return out + (x @ a.T) @ b.T
+            return out + (x @ lora_a[plan.single, :, :r]) @ lora_b[plan.single, :r]
+        mixed = plan.mixed
+        if mixed is None:
+            raise RuntimeError("a plan whose rows differ has their layout")
         rows = x.shape[0]
-        if self._gathered is None or self._gathered[0] != plan.version:
-            if plan.slots is None:
-                raise RuntimeError("a plan whose rows differ has a slot per row")
-            # Kept transposed and contiguous, as bmm reads them: on transposed views it copies them on every
-            # call, which measured 2.5x the cost of the products themselves in a small model's decode step.
-            a_t = lora_a.index_select(0, plan.slots)[:, :r].transpose(1, 2).contiguous()  # [rows, in, r]
-            b_t = lora_b.index_select(0, plan.slots)[:, :, :r].transpose(1, 2).contiguous()  # [rows, r, out]
-            self._gathered = (plan.version, a_t, b_t)
-        _, a_t, b_t = self._gathered
         x3 = x.reshape(rows, -1, x.shape[-1])
-        out3 = out.reshape(rows, -1, out.shape[-1])
-        return torch.baddbmm(out3, torch.bmm(x3, a_t), b_t).view_as(out)
+        if x3.shape[1] > 1:  # prefill: per-row factors
+            a, b = lora_a.index_select(0, mixed.slots)[:, :, :r], lora_b.index_select(0, mixed.slots)[:, :r]
+            out.view(rows, x3.shape[1], -1).baddbmm_(torch.bmm(x3, a), b)  # in place: no copy of `out`
+            return out
+        if self._group_factors is None or self._group_factors[0] != plan.version:
+            groups = torch.tensor(mixed.groups, dtype=torch.long, device=lora_a.device)
+            self._group_factors = (  # contiguous, as bmm reads them (a rank below the tables' is a strided slice)
+                plan.version,
+                lora_a.index_select(0, groups)[:, :, :r].contiguous(),
+                lora_b.index_select(0, groups)[:, :r],
+            )
+        _, a, b = self._group_factors
+        delta = torch.bmm(torch.bmm(plan.grouped_input(x, mixed), a), b)  # [groups, group_rows, out]
+        return out.add_(delta.view(-1, delta.shape[-1]).index_select(0, mixed.scatter).view_as(out))
 
 
 class LoraSlots:
@@ -122,7 +185,7 @@ class LoraSlots:
     def install(self, slot: int, rank: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write an adapter's factors into `slot` (zeroing layers the adapter does not touch)."""
         self._grow(slot + 1, rank)
-        self.plan.invalidate()  # a slot's content changes: gathered factors of the old content are stale
+        self.plan.tables_changed()  # a slot's content changes: gathered factors of the old content are stale
         while len(self.ranks) <= slot:
             self.ranks.append(0)
         self.ranks[slot] = rank
@@ -136,14 +199,14 @@ class LoraSlots:
             lora_b[slot].zero_()
             if name in modules:
                 a, b = modules[name]
-                lora_a[slot, : a.shape[0]].copy_(a)
-                lora_b[slot, :, : b.shape[1]].copy_(b)
+                lora_a[slot, :, : a.shape[0]].copy_(a.T)
+                lora_b[slot, : b.shape[1]].copy_(b.T)
 
     def _allocate(self, layer: LoraSlotLinear) -> tuple[torch.Tensor, torch.Tensor]:
         slots = len(self.ranks)
         base = layer.base
-        layer.lora_a = torch.zeros(slots, self._rank_capacity, base.in_features, device=self.device, dtype=self.dtype)
-        layer.lora_b = torch.zeros(slots, base.out_features, self._rank_capacity, device=self.device, dtype=self.dtype)
+        layer.lora_a = torch.zeros(slots, base.in_features, self._rank_capacity, device=self.device, dtype=self.dtype)
+        layer.lora_b = torch.zeros(slots, self._rank_capacity, base.out_features, device=self.device, dtype=self.dtype)
         return layer.lora_a, layer.lora_b
 
     def _grow(self, slots: int, rank: int) -> None:
@@ -157,11 +220,11 @@ class LoraSlots:
         for layer in self.layers.values():
             if layer.lora_a is None or layer.lora_b is None:
                 continue
-            a = torch.zeros(new_slots, new_rank, layer.base.in_features, device=self.device, dtype=self.dtype)
-            b = torch.zeros(new_slots, layer.base.out_features, new_rank, device=self.device, dtype=self.dtype)
-            old_slots, old_rank = layer.lora_a.shape[0], layer.lora_a.shape[1]
-            a[:old_slots, :old_rank] = layer.lora_a
-            b[:old_slots, :, :old_rank] = layer.lora_b
+            a = torch.zeros(new_slots, layer.base.in_features, new_rank, device=self.device, dtype=self.dtype)
+            b = torch.zeros(new_slots, new_rank, layer.base.out_features, device=self.device, dtype=self.dtype)
+            old_slots, old_rank = layer.lora_a.shape[0], layer.lora_a.shape[2]
+            a[:old_slots, :, :old_rank] = layer.lora_a
+            b[:old_slots, :old_rank] = layer.lora_b
             layer.lora_a, layer.lora_b = a, b
         self.ranks += [0] * (new_slots - len(self.ranks))
         self._rank_capacity = new_rank
