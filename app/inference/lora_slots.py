@@ -106,9 +106,8 @@ class BatchPlan:
         """A decode step's input `x` [rows, 1, in] as [groups, group_rows, in], gathered once for all the layers
         that read this very tensor."""
         if self._grouped_input is None or self._grouped_input[0] is not x:  # `x` is held: no other gets its id
-            rows, features = x.shape[0], x.shape[-1]
-            grouped = x.reshape(rows, features).index_select(0, mixed.gather)
-            self._grouped_input = (x, grouped.view(len(mixed.groups), mixed.group_rows, features))
+            grouped = x.index_select(0, mixed.gather).view(len(mixed.groups), mixed.group_rows, x.shape[-1])
+            self._grouped_input = (x, grouped)
         return self._grouped_input[1]
 
 
@@ -124,6 +123,7 @@ class LoraSlotLinear(nn.Module):
         self._group_factors: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (plan version, A^T, B^T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` [rows, positions, in], as a decoder's hidden states are."""
         out = self.base(x)
         plan, lora_a, lora_b = self.plan, self.lora_a, self.lora_b
         if lora_a is None or lora_b is None or plan.single == 0 or plan.rank == 0:  # tables: both or neither
@@ -134,11 +134,9 @@ class LoraSlotLinear(nn.Module):
         mixed = plan.mixed
         if mixed is None:
             raise RuntimeError("a plan whose rows differ has their layout")
-        rows = x.shape[0]
-        x3 = x.reshape(rows, -1, x.shape[-1])
-        if x3.shape[1] > 1:  # prefill: per-row factors
+        if x.shape[1] > 1:  # prefill ([rows, positions, in]): per-row factors
             a, b = lora_a.index_select(0, mixed.slots)[:, :, :r], lora_b.index_select(0, mixed.slots)[:, :r]
-            out.view(rows, x3.shape[1], -1).baddbmm_(torch.bmm(x3, a), b)  # in place: no copy of `out`
+            out.baddbmm_(torch.bmm(x, a), b)  # in place: no copy of `out`
             return out
         if self._group_factors is None or self._group_factors[0] != plan.version:
             groups = torch.tensor(mixed.groups, dtype=torch.long, device=lora_a.device)
@@ -149,7 +147,7 @@ class LoraSlotLinear(nn.Module):
             )
         _, a, b = self._group_factors
         delta = torch.bmm(torch.bmm(plan.grouped_input(x, mixed), a), b)  # [groups, group_rows, out]
-        return out.add_(delta.view(-1, delta.shape[-1]).index_select(0, mixed.scatter).view_as(out))
+        return out.add_(delta.view(-1, 1, delta.shape[-1]).index_select(0, mixed.scatter))
 
 
 class LoraSlots:
