@@ -129,8 +129,10 @@ class LoraSlotLinear(nn.Module):
         if lora_a is None or lora_b is None or plan.single == 0 or plan.rank == 0:  # tables: both or neither
             return out
         r = plan.rank
-        if plan.single is not None:
-            return out + (x @ lora_a[plan.single, :, :r]) @ lora_b[plan.single, :r]
+        if plan.single is not None:  # the sum fused into the second product, in place
+            h = x.reshape(-1, x.shape[-1]) @ lora_a[plan.single, :, :r]
+            out.view(-1, out.shape[-1]).addmm_(h, lora_b[plan.single, :r])
+            return out
         mixed = plan.mixed
         if mixed is None:
             raise RuntimeError("a plan whose rows differ has their layout")
