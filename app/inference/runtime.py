@@ -106,10 +106,10 @@ class BaseModelRuntime:
         """An empty cache whose every layer keeps all keys and values, sliding-window layers included: the window is
         applied by the attention mask transformers builds for those layers. A cache built from the config would
         keep only the window's last tokens in sliding layers, and `KVBatch` joins and trims rows assuming every
-        layer holds the same columns as its mask."""
-        from transformers import DynamicCache
+        layer holds the same columns as its mask. Its layers append in place (`kv_cache.GrowingLayer`)."""
+        from app.inference.kv_cache import GrowingCache  # transformers loads with the first model, not on import
 
-        return DynamicCache()
+        return GrowingCache()
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
