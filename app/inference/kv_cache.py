@@ -6,8 +6,8 @@ layer per step. `GrowingLayer` keeps keys and values as views of buffers with ro
 positions in place, and a full buffer is replaced by one half as large again (amortised O(1) copies per token, at
 most about 1.5 x the memory).
 
-`KVBatch` replaces a layer's `keys` and `values` outright when rows join, finish or lose their padding; the next
-update sees they are no longer views of the buffers and starts new buffers from them.
+`KVBatch` replaces a layer's `keys` and `values` outright when rows join, finish or lose their padding: the layer
+lets its buffers go then, and the next update starts new ones from the tensors it was given.
 """
 
 from __future__ import annotations
@@ -23,9 +23,27 @@ MIN_HEADROOM = 32
 class GrowingLayer(DynamicLayer):
     """One decoder layer's cache, [rows, heads, positions, dim], appended in place."""
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    _keys: torch.Tensor | None = None
+    _values: torch.Tensor | None = None
+
+    # `keys` and `values` assigned from outside (KVBatch, or transformers' crop and row selection) let the buffers go
+    # at once, so a replaced cache is not held until the next step; `update` writes its views past the setters.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._keys, self._buffers = value, None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._values, self._buffers = value, None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -35,32 +53,17 @@ class GrowingLayer(DynamicLayer):
         length = self.get_seq_length()
         total = length + key_states.shape[-2]
         buffers = self._buffers
-        if buffers is None or not (
-            _is_prefix(self.keys, buffers[0], total) and _is_prefix(self.values, buffers[1], total)
-        ):
+        if buffers is None or total > buffers[0].shape[2]:
             capacity = total + max(total // 2, MIN_HEADROOM)
             buffers = (
-                _buffer(self.keys, key_states, length, capacity),
-                _buffer(self.values, value_states, length, capacity),
+                _buffer(self._keys, key_states, length, capacity),
+                _buffer(self._values, value_states, length, capacity),
             )
-            self._buffers = buffers
         keys, values = buffers
         keys[:, :, length:total].copy_(key_states)
         values[:, :, length:total].copy_(value_states)
-        self.keys, self.values = keys[:, :, :total], values[:, :, :total]
-        return self.keys, self.values
-
-
-def _is_prefix(view: torch.Tensor | None, buffer: torch.Tensor, total: int) -> bool:
-    """Whether `view` is the buffer's first positions, with room in it for `total`."""
-    return (
-        view is not None
-        and view.dim() == 4
-        and view.data_ptr() == buffer.data_ptr()
-        and view.stride() == buffer.stride()
-        and view.shape[:2] == buffer.shape[:2]
-        and total <= buffer.shape[2]
-    )
+        self._keys, self._values, self._buffers = keys[:, :, :total], values[:, :, :total], buffers
+        return keys[:, :, :total], values[:, :, :total]
 
 
 def _buffer(cached: torch.Tensor | None, new: torch.Tensor, length: int, capacity: int) -> torch.Tensor:

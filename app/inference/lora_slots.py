@@ -42,6 +42,7 @@ class MixedRows:
 
     slots: torch.Tensor  # [rows] each row's slot
     groups: tuple[int, ...]  # the distinct slots, in order
+    group_slots: torch.Tensor  # the same, on the model's device
     group_rows: int  # rows per group: the largest group's
     gather: torch.Tensor  # [groups * group_rows] the row at each group position; padding repeats a group's first row
     scatter: torch.Tensor  # [rows] each row's group position
@@ -63,6 +64,7 @@ class MixedRows:
         return cls(
             slots=torch.tensor(slots, dtype=torch.long, device=device),
             groups=tuple(groups),
+            group_slots=torch.tensor(groups, dtype=torch.long, device=device),
             group_rows=width,
             gather=torch.tensor(gather, dtype=torch.long, device=device),
             scatter=torch.tensor(scatter, dtype=torch.long, device=device),
@@ -76,16 +78,15 @@ class BatchPlan:
         self.single: int | None = 0  # the slot shared by every row, or None when rows differ
         self.mixed: MixedRows | None = None  # when rows differ
         self.rank = 0  # largest rank among the rows' adapters
-        # Bumped when the groups of a mixed batch or the slot tables change: layers keep their groups' factors
-        # gathered until then, across rows that come and go, since a batch keeps its adapters for many decode steps.
-        self.version = 0
-        self._groups: tuple[int, ...] = ()
+        # Bumped when the slot tables change. Layers keep their groups' factors gathered, keyed by this and the
+        # groups, across rows that come and go: a batch keeps its adapters for many decode steps.
+        self.tables_version = 0
         self._last: list[int] | None = None
         # One forward's input in group layout, for the layers that read the same input (q, k and v; gate and up).
         self._grouped_input: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def tables_changed(self) -> None:
-        self.version += 1
+        self.tables_version += 1
         self._last = None
 
     def set(self, slots: list[int], ranks: list[int], device: torch.device) -> None:
@@ -98,15 +99,14 @@ class BatchPlan:
             self.single, self.mixed = slots[0], None
             return
         self.single, self.mixed = None, MixedRows.of(slots, device)
-        if self.mixed.groups != self._groups:
-            self._groups = self.mixed.groups
-            self.version += 1
 
     def grouped_input(self, x: torch.Tensor, mixed: MixedRows) -> torch.Tensor:
-        """A decode step's input `x` [rows, 1, in] as [groups, group_rows, in], gathered once for all the layers
-        that read this very tensor."""
+        """A decode step's input `x` (one position per row) as [groups, group_rows, in], gathered once for all the
+        layers that read this very tensor."""
         if self._grouped_input is None or self._grouped_input[0] is not x:  # `x` is held: no other gets its id
-            grouped = x.index_select(0, mixed.gather).view(len(mixed.groups), mixed.group_rows, x.shape[-1])
+            rows, features = mixed.slots.shape[0], x.shape[-1]
+            grouped = x.reshape(rows, features).index_select(0, mixed.gather)
+            grouped = grouped.view(len(mixed.groups), mixed.group_rows, features)
             self._grouped_input = (x, grouped)
         return self._grouped_input[1]
 
@@ -120,10 +120,11 @@ class LoraSlotLinear(nn.Module):
         self.plan = plan
         self.lora_a: torch.Tensor | None = None  # A^T [slots, in, r_max]
         self.lora_b: torch.Tensor | None = None  # B^T [slots, r_max, out]
-        self._group_factors: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (plan version, A^T, B^T)
+        # ((tables version, groups), A^T, B^T) of the groups last seen in a decode step
+        self._group_factors: tuple[tuple[int, tuple[int, ...]], torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` [rows, positions, in], as a decoder's hidden states are."""
+        """`x` [rows, positions, in], as a decoder's hidden states are, or [tokens, in] flattened from them."""
         out = self.base(x)
         plan, lora_a, lora_b = self.plan, self.lora_a, self.lora_b
         if lora_a is None or lora_b is None or plan.single == 0 or plan.rank == 0:  # tables: both or neither
@@ -136,20 +137,24 @@ class LoraSlotLinear(nn.Module):
         mixed = plan.mixed
         if mixed is None:
             raise RuntimeError("a plan whose rows differ has their layout")
-        if x.shape[1] > 1:  # prefill ([rows, positions, in]): per-row factors
-            a, b = lora_a.index_select(0, mixed.slots)[:, :, :r], lora_b.index_select(0, mixed.slots)[:, :r]
-            out.baddbmm_(torch.bmm(x, a), b)  # in place: no copy of `out`
+        rows = mixed.slots.shape[0]
+        if x.numel() > rows * x.shape[-1]:  # prefill, several positions per row: per-row factors
+            # Sliced to the batch's rank before gathering: one contiguous copy of what the products read.
+            a = lora_a[:, :, :r].index_select(0, mixed.slots)
+            b = lora_b[:, :r].index_select(0, mixed.slots)
+            x3 = x.reshape(rows, -1, x.shape[-1])
+            out.view(rows, -1, out.shape[-1]).baddbmm_(torch.bmm(x3, a), b)  # in place: no copy of `out`
             return out
-        if self._group_factors is None or self._group_factors[0] != plan.version:
-            groups = torch.tensor(mixed.groups, dtype=torch.long, device=lora_a.device)
-            self._group_factors = (  # contiguous, as bmm reads them (a rank below the tables' is a strided slice)
-                plan.version,
-                lora_a.index_select(0, groups)[:, :, :r].contiguous(),
-                lora_b.index_select(0, groups)[:, :r],
+        key = (plan.tables_version, mixed.groups)
+        if self._group_factors is None or self._group_factors[0] != key:
+            self._group_factors = (
+                key,
+                lora_a[:, :, :r].index_select(0, mixed.group_slots),
+                lora_b[:, :r].index_select(0, mixed.group_slots),
             )
         _, a, b = self._group_factors
         delta = torch.bmm(torch.bmm(plan.grouped_input(x, mixed), a), b)  # [groups, group_rows, out]
-        return out.add_(delta.view(-1, 1, delta.shape[-1]).index_select(0, mixed.scatter))
+        return out.add_(delta.view(-1, delta.shape[-1]).index_select(0, mixed.scatter).view_as(out))
 
 
 class LoraSlots:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from transformers import DynamicCache
 
@@ -48,3 +51,34 @@ def test_keys_replaced_from_outside_start_a_new_buffer_from_them():
         got, want = growing.update(keys, values, 0), dynamic.update(keys, values, 0)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert growing.get_seq_length() == dynamic.get_seq_length() == 8
+
+
+def test_row_prefixes_crops_and_resets_match_dynamic_cache():
+    # Views that start where the buffer starts (the first rows, the first positions) must not pass for the buffer.
+    growing, dynamic = GrowingCache(), DynamicCache()
+    for cache in (growing, dynamic):
+        cache.update(*states(3, 6, seed=0), 0)
+        layer = cache.layers[0]
+        layer.keys, layer.values = layer.keys[:2], layer.values[:2]
+    for cache in (growing, dynamic):
+        cache.update(*states(2, 1, seed=1), 0)
+        cache.crop(-2)  # back to 5 positions, then overwrite the sixth
+    for step in range(2, 5):
+        keys, values = states(2, 1, seed=step)
+        got, want = growing.update(keys, values, 0), dynamic.update(keys, values, 0)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for cache in (growing, dynamic):
+        cache.reset()
+        cache.update(*states(1, 2, seed=9), 0)
+    assert torch.equal(growing.layers[0].keys, dynamic.layers[0].keys)
+
+
+def test_replaced_keys_let_the_buffers_go_at_once():
+    cache = GrowingCache()
+    cache.update(*states(3, 6, seed=0), 0)
+    layer = cache.layers[0]
+    buffers = [weakref.ref(layer.keys._base), weakref.ref(layer.values._base)]
+    index = torch.tensor([0, 2])
+    layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+    gc.collect()
+    assert [ref() for ref in buffers] == [None, None]

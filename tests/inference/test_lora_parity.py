@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from app.inference import AdapterRef
+from app.inference.adapter_weights import read_adapter
 from tests.inference.adapters import build_random_adapter
 from tests.inference.conftest import TINY, prompt_ids, request, run_together
 
@@ -149,7 +150,7 @@ def engine_logits(runtime, slots: list[int], prompts: list[list[int]], next_toke
         runtime.lora.use(slots)
         cache = runtime.new_cache()
         prefill = runtime.forward(cache, input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
-        runtime.lora.use(slots)  # the same composition: decode reuses the gathered factors, as in serving
+        runtime.lora.use(slots)  # the same rows, as a decode step follows its prefill in serving
         decode = (
             runtime.forward(
                 cache,
@@ -201,10 +202,20 @@ def test_mixed_batch_of_every_adapter_and_the_base_model_equals_peft(
     rows = [(adapter, prompt_ids(tokenizer, PROMPTS[i % len(PROMPTS)])) for i, adapter in enumerate(adapters_of_rows)]
     worst = compare_rows(runtime, peft_model, slot_of, rows)
     # Rows come and go while the batch keeps its adapters (decode reuses each group's gathered factors with a new
-    # row layout: other group sizes, other padding), then the set of adapters changes (factors gathered again).
-    for adapters in ([*reversed(names), "plain", "plain", None], ["rslora", "attention", "rslora"]):
+    # row layout: other group sizes, other padding); then the set of adapters changes, to one whose largest rank
+    # (8) is below the tables' (16).
+    for adapters in ([*reversed(names), "plain", "plain", None], ["attention", "plain", "plain"]):
         rows = [(adapter, prompt_ids(tokenizer, PROMPTS[(i + 1) % len(PROMPTS)])) for i, adapter in enumerate(adapters)]
         worst = max(worst, compare_rows(runtime, peft_model, slot_of, rows))
+    # A slot takes another adapter of the same rank (as when an evicted adapter's slot is reused) while the batch's
+    # slots stay those of the last batch: the rows on that slot now follow the new adapter.
+    other = read_adapter(
+        parity_adapters["alpha_pattern"], runtime.info, runtime.lora.module_shapes(), max_rank=64, dtype=torch.float32
+    )
+    with torch.inference_mode():  # as the scheduler installs adapters
+        runtime.lora.install(slot_of["plain"], other.rank, other.modules)
+    rows = [("attention", prompt_ids(tokenizer, PROMPTS[0])), ("alpha_pattern", prompt_ids(tokenizer, PROMPTS[2]))]
+    worst = max(worst, compare_rows(runtime, peft_model, {**slot_of, "alpha_pattern": slot_of["plain"]}, rows))
     print(f"mixed batches: max |engine - PEFT| = {worst:.3g} (tolerance {ATOL})")
 
     # Each adapter really moves the logits, far beyond the tolerance: a wrong scale could not pass unseen.
@@ -215,7 +226,7 @@ def test_mixed_batch_of_every_adapter_and_the_base_model_equals_peft(
 
 
 def test_single_adapter_batches_equal_peft(make_engine, tokenizer, parity_adapters, peft_model):
-    # Every row on one adapter takes the plain-matmul path instead of the gathered (BGMV) one.
+    # Every row on one adapter takes the plain-matmul path instead of the grouped or per-row ones.
     runtime, slots = loaded_engine(make_engine, tokenizer, list(parity_adapters.values()))
     worst = 0.0
     for name, ref in parity_adapters.items():
